@@ -1,0 +1,106 @@
+"""The `instar` command: a thin Typer shell. Each command parses, calls one library function, renders.
+
+Errors a user can cause arrive as `InstarError` and leave as one line on stderr with a non-zero exit
+code (2 for config mistakes); heavy libraries are imported inside the commands, so `--help` is fast.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from instar.errors import InstarError
+
+app = typer.Typer(help="Grow a small language model through every stage of its training, offline.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+data_app = typer.Typer(help="Inspect, import and export the dataset store.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+DbOpt = Annotated[Optional[Path], typer.Option("--db", envvar="INSTAR_DB",
+                                               help="SQLite database [default: ./instar.db].")]
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML config file.")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override a config key: key=value.")]
+KindOpt = Annotated[Optional[str], typer.Option("--kind", "-k", help="text, messages, preference or math.")]
+
+
+def open_store(db: Path | None):
+    from instar.datasets.store import Store
+
+    return Store.open(db)
+
+
+def main() -> None:
+    """Entry point that turns user mistakes into one line and an exit code."""
+    from instar.report import err_console
+
+    try:
+        app(standalone_mode=False)
+    except InstarError as e:
+        err_console.print(f"[bold red]error:[/] {e}", highlight=False)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        err_console.print("[yellow]interrupted[/]: progress so far is saved; run the same command to resume")
+        sys.exit(130)
+    except Exception as e:
+        import click
+
+        if isinstance(e, click.exceptions.Exit):
+            sys.exit(e.exit_code)
+        if isinstance(e, click.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        if isinstance(e, click.exceptions.Abort):
+            sys.exit(1)
+        raise
+
+
+# -- data ---------------------------------------------------------------------------------------------
+@data_app.command("stats")
+def data_stats(db: DbOpt = None) -> None:
+    """Counts by kind, split and source; length distributions; failures by reason."""
+    from instar import report
+
+    report.render_stats(open_store(db))
+
+
+@data_app.command("show")
+def data_show(kind: KindOpt = None, limit: Annotated[int, typer.Option(help="How many records.")] = 5,
+              split: Annotated[Optional[str], typer.Option(help="train, val or test.")] = None,
+              db: DbOpt = None) -> None:
+    """Print a few stored records."""
+    from instar import report
+
+    report.render_records(open_store(db), kind=kind, split=split, limit=limit)
+
+
+@data_app.command("import")
+def data_import(file: Annotated[Path, typer.Argument(help="A JSONL file.")], kind: KindOpt = None,
+                db: DbOpt = None) -> None:
+    """Import a JSONL file; invalid lines are reported with their line number and reason."""
+    from instar import report
+    from instar.datasets.jsonl import import_jsonl
+
+    result = import_jsonl(open_store(db), file, kind=kind)
+    report.render_import(result)
+    if result.invalid and not result.inserted and not result.duplicates:
+        raise typer.Exit(1)
+
+
+@data_app.command("export")
+def data_export(out: Annotated[Path, typer.Option("--out", "-o", help="JSONL file to write.")],
+                kind: KindOpt = None,
+                split: Annotated[Optional[str], typer.Option(help="train, val or test.")] = None,
+                db: DbOpt = None) -> None:
+    """Export records as JSONL, one object per line, in the shapes `data import` reads."""
+    from instar import report
+    from instar.datasets.jsonl import export_jsonl
+
+    n = export_jsonl(open_store(db), out, kind=kind, split=split)
+    report.console.print(f"wrote {n:,} records to {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,197 @@
+"""Records in, validated records out: the one door into instar's SQLite database.
+
+    store = Store.open("instar.db")               # creates + migrates; WAL mode
+    store.add("text", [{"text": "..."}], Provenance(source="import"))  -> AddResult(inserted=1, duplicates=0)
+    store.records("text", split="train")          # list of validated dicts
+    store.count("math")
+
+Ids are content hashes (sha256 of the kind and the record's canonical JSON), so inserting the same
+record twice keeps one row and a re-run of any job is idempotent. The split is derived from the id
+(90% train / 5% val / 5% test), so a record never changes split when the dataset grows. Each `add`
+call is one transaction: a process killed mid-way leaves whole batches only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import sqlite_utils
+from pydantic import BaseModel, ValidationError
+
+from instar.datasets.migrations import migrate
+from instar.errors import InstarError
+from instar.schemas.records import KINDS
+
+DEFAULT_DB = "instar.db"
+SPLITS = ("train", "val", "test")
+
+
+def default_db_path() -> Path:
+    return Path(os.environ.get("INSTAR_DB") or DEFAULT_DB)
+
+
+def canonical_json(data: dict) -> str:
+    return json.dumps(data, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+
+
+def record_id(kind: str, data: dict) -> str:
+    """Content hash over the fields that define the record (judge scores do not make a new pair)."""
+    key = {k: v for k, v in data.items() if k not in ("score_chosen", "score_rejected", "margin",
+                                                       "solution", "family", "difficulty", "verified_by")}
+    return hashlib.sha256(f"{kind}\n{canonical_json(key)}".encode()).hexdigest()[:20]
+
+
+def split_of(rid: str) -> str:
+    """Deterministic split from the id: 90/5/5."""
+    bucket = int(rid[:8], 16) % 100
+    return "train" if bucket < 90 else "val" if bucket < 95 else "test"
+
+
+def format_error(e: ValidationError) -> str:
+    """pydantic's report as one line: `messages.1.content: must not be empty`."""
+    err = e.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"]) or "record"
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{loc}: {msg}"
+
+
+def validate_record(kind: str, data: Any) -> dict:
+    """Validate `data` as a `kind` record and return its normalised dict; raise ValueError with one line."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown kind {kind!r} (expected one of {', '.join(KINDS)})")
+    try:
+        model = KINDS[kind].model_validate(data.model_dump() if isinstance(data, BaseModel) else data)
+    except ValidationError as e:
+        raise ValueError(format_error(e)) from None
+    return model.model_dump(exclude_none=True)
+
+
+@dataclass
+class Provenance:
+    """Where a record came from. `source` is 'import', 'procedural', or the generating backend."""
+
+    source: str = "import"
+    run_id: str | None = None
+    backend: str | None = None
+    model: str | None = None
+    template: str | None = None
+    seed: int | None = None
+
+
+@dataclass
+class AddResult:
+    inserted: int = 0
+    duplicates: int = 0
+    ids: list[str] = field(default_factory=list)
+
+
+class Store:
+    def __init__(self, db: sqlite_utils.Database, path: Path | None = None):
+        self.db = db
+        self.path = path
+
+    @classmethod
+    def open(cls, path: str | Path | None = None) -> "Store":
+        path = Path(path) if path is not None else default_db_path()
+        if path.exists() and path.is_dir():
+            raise InstarError(f"database path is a directory: {path}")
+        if not path.parent.exists():
+            raise InstarError(f"database folder does not exist: {path.parent}")
+        try:
+            db = sqlite_utils.Database(path)
+            db.enable_wal()
+            db.execute("PRAGMA busy_timeout = 30000")
+            migrate(db)
+        except Exception as e:  # sqlite3.DatabaseError: file is not a database, locked, ...
+            raise InstarError(f"cannot open database {path}: {e}") from None
+        return cls(db, path)
+
+    @classmethod
+    def memory(cls) -> "Store":
+        db = sqlite_utils.Database(memory=True)
+        migrate(db)
+        return cls(db)
+
+    # -- writing --------------------------------------------------------------------------------------
+    def add(self, kind: str, records: Iterable[Any], prov: Provenance | None = None,
+            *, validated: bool = False) -> AddResult:
+        """Insert records of one kind in one transaction. Duplicates (same content id) are skipped.
+
+        Raises ValueError on the first invalid record unless `validated` says they already are."""
+        prov = prov or Provenance()
+        now = time.time()
+        rows, seen, repeats = [], set(), 0
+        for rec in records:
+            data = rec if validated else validate_record(kind, rec)
+            rid = record_id(kind, data)
+            if rid in seen:
+                repeats += 1
+                continue
+            seen.add(rid)
+            text = canonical_json(data)
+            rows.append({"id": rid, "kind": kind, "split": split_of(rid), "data": text, "n_chars": len(text),
+                         "run_id": prov.run_id, "source": prov.source, "backend": prov.backend,
+                         "model": prov.model, "template": prov.template, "seed": prov.seed, "created_at": now})
+        result = AddResult(duplicates=repeats, ids=[r["id"] for r in rows])
+        if not rows:
+            return result
+        with self.db.conn:  # one transaction per batch
+            existing = self.existing_ids([r["id"] for r in rows])
+            fresh = [r for r in rows if r["id"] not in existing]
+            if fresh:
+                self.db["records"].insert_all(fresh, batch_size=500)
+        result.inserted = len(fresh)
+        result.duplicates += len(rows) - len(fresh)
+        return result
+
+    def existing_ids(self, ids: list[str]) -> set[str]:
+        found: set[str] = set()
+        for i in range(0, len(ids), 500):
+            chunk = ids[i:i + 500]
+            marks = ",".join("?" * len(chunk))
+            found.update(r[0] for r in self.db.execute(f"select id from records where id in ({marks})", chunk))
+        return found
+
+    def add_failure(self, reason: str, raw: str | None = None, *, kind: str | None = None,
+                    run_id: str | None = None, seed: int | None = None) -> None:
+        with self.db.conn:
+            self.db["failures"].insert({"run_id": run_id, "kind": kind, "reason": reason, "raw": raw,
+                                        "seed": seed, "created_at": time.time()})
+
+    # -- reading --------------------------------------------------------------------------------------
+    def records(self, kind: str, split: str | None = None, limit: int | None = None) -> list[dict]:
+        """Records of `kind` (optionally one split) in a stable order (by id)."""
+        where, args = "kind = ?", [kind]
+        if split is not None:
+            where += " and split = ?"
+            args.append(split)
+        sql = f"select data from records where {where} order by id"
+        if limit is not None:
+            sql += f" limit {int(limit)}"
+        return [json.loads(row[0]) for row in self.db.execute(sql, args)]
+
+    def count(self, kind: str | None = None, split: str | None = None) -> int:
+        where, args = [], []
+        if kind is not None:
+            where.append("kind = ?")
+            args.append(kind)
+        if split is not None:
+            where.append("split = ?")
+            args.append(split)
+        sql = "select count(*) from records" + (" where " + " and ".join(where) if where else "")
+        return self.db.execute(sql, args).fetchone()[0]
+
+    def require(self, kind: str, split: str, minimum: int = 1) -> list[dict]:
+        """Records of a split, or a clear error saying how to get them."""
+        rows = self.records(kind, split)
+        if len(rows) < minimum:
+            where = f" in {self.path}" if self.path else ""
+            raise InstarError(f"need at least {minimum} {kind!r} records in split {split!r}{where}, found "
+                              f"{len(rows)}: run `instar generate` or `instar data import` first")
+        return rows
