@@ -1,7 +1,8 @@
 """Configs: TOML files plus `--set key=value` overrides, validated by small pydantic models.
 
 Every config class derives from `StrictConfig` (unknown keys are errors, as in nanoGPT's configurator).
-`load_config(Model, path, sets)` merges, in order: the model's defaults, the TOML file, the overrides.
+`load_config(Model, path, sets)` merges, in order: the model's defaults, a `base` dict, the TOML file, the
+overrides; nested tables merge key by key (a TOML `[sft]` table with only `lr` keeps the base's other keys).
 Dotted keys (`--set stages.sft.lr=1e-4`) address nested tables. A value is parsed as a TOML literal
 when it is one (`3`, `1e-4`, `true`, `[1, 2]`, `"text"`) and kept as a plain string otherwise.
 """
@@ -51,6 +52,17 @@ def apply_overrides(data: dict, sets: list[str]) -> dict:
     return data
 
 
+def deep_merge(base: dict, top: dict) -> dict:
+    """`top` over `base`, recursively: nested tables merge key by key instead of replacing each other."""
+    merged = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
 def read_toml(path: Path) -> dict:
     try:
         return tomllib.loads(Path(path).read_text(encoding="utf-8"))
@@ -58,6 +70,8 @@ def read_toml(path: Path) -> dict:
         raise ConfigError(f"config file not found: {path}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    except (OSError, UnicodeDecodeError) as e:  # a directory, no permission, not UTF-8
+        raise ConfigError(f"cannot read config file {path}: {e}") from None
 
 
 def validate(model: type[T], data: dict, source: str = "config") -> T:
@@ -77,6 +91,6 @@ def load_config(model: type[T], path: Path | None = None, sets: list[str] | None
     """Defaults <- `base` <- TOML file at `path` <- `sets`, validated into `model`."""
     data = dict(base or {})
     if path is not None:
-        data.update(read_toml(path))
+        data = deep_merge(data, read_toml(path))
     data = apply_overrides(data, sets or [])
     return validate(model, data, source=str(path) if path else "config")

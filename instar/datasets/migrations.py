@@ -67,7 +67,7 @@ def migrate(db: sqlite_utils.Database) -> list[str]:
     for fn in MIGRATIONS:
         if fn.__name__ in done:
             continue
-        with db.conn:  # one transaction per migration
+        with db.atomic():  # one transaction per migration (DDL included: sqlite-utils issues BEGIN)
             fn(db)
             table.insert({"name": fn.__name__, "applied_at": time.time()})
         applied.append(fn.__name__)

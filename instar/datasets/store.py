@@ -8,7 +8,8 @@
 Ids are content hashes (sha256 of the kind and the record's canonical JSON), so inserting the same
 record twice keeps one row and a re-run of any job is idempotent. The split is derived from the id
 (90% train / 5% val / 5% test), so a record never changes split when the dataset grows. Each `add`
-call is one transaction: a process killed mid-way leaves whole batches only.
+call is one transaction: a process killed mid-way leaves whole batches only. Several calls can share one
+transaction inside `with store.db.atomic():` (nested calls become savepoints), as `data import` does.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import sqlite_utils
 from pydantic import BaseModel, ValidationError
@@ -57,7 +58,8 @@ def format_error(e: ValidationError) -> str:
     """pydantic's report as one line: `messages.1.content: must not be empty`."""
     err = e.errors()[0]
     loc = ".".join(str(p) for p in err["loc"]) or "record"
-    msg = err["msg"].removeprefix("Value error, ")
+    msg = {"extra_forbidden": "unknown field", "missing": "required field is missing"}.get(
+        err["type"], err["msg"].removeprefix("Value error, "))
     return f"{loc}: {msg}"
 
 
@@ -69,7 +71,12 @@ def validate_record(kind: str, data: Any) -> dict:
         model = KINDS[kind].model_validate(data.model_dump() if isinstance(data, BaseModel) else data)
     except ValidationError as e:
         raise ValueError(format_error(e)) from None
-    return model.model_dump(exclude_none=True)
+    data = model.model_dump(exclude_none=True)
+    try:  # fields without text cleaning (e.g. math.family) could still carry a lone surrogate
+        canonical_json(data).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("record: contains an unpaired surrogate (not valid Unicode)") from None
+    return data
 
 
 @dataclass
@@ -141,7 +148,7 @@ class Store:
         result = AddResult(duplicates=repeats, ids=[r["id"] for r in rows])
         if not rows:
             return result
-        with self.db.conn:  # one transaction per batch
+        with self.db.atomic():  # one transaction per batch (a savepoint inside a caller's transaction)
             existing = self.existing_ids([r["id"] for r in rows])
             fresh = [r for r in rows if r["id"] not in existing]
             if fresh:
@@ -160,7 +167,7 @@ class Store:
 
     def add_failure(self, reason: str, raw: str | None = None, *, kind: str | None = None,
                     run_id: str | None = None, seed: int | None = None) -> None:
-        with self.db.conn:
+        with self.db.atomic():
             self.db["failures"].insert({"run_id": run_id, "kind": kind, "reason": reason, "raw": raw,
                                         "seed": seed, "created_at": time.time()})
 
@@ -176,7 +183,35 @@ class Store:
             sql += f" limit {int(limit)}"
         return [json.loads(row[0]) for row in self.db.execute(sql, args)]
 
-    def count(self, kind: str | None = None, split: str | None = None) -> int:
+    def iter_rows(self, kind: str | None = None, split: str | None = None,
+                  limit: int | None = None) -> Iterator[dict]:
+        """Stream stored rows (id, kind, split, source, data as a dict) ordered by kind, then id."""
+        where, args = self._where(kind, split)
+        sql = f"select id, kind, split, source, data from records{where} order by kind, id"
+        if limit is not None:
+            sql += f" limit {int(limit)}"
+        for rid, k, sp, source, data in self.db.execute(sql, args):
+            yield {"id": rid, "kind": k, "split": sp, "source": source, "data": json.loads(data)}
+
+    def stats(self) -> dict:
+        """Plain numbers for `instar data stats`: counts by kind x split and by source, lengths, failures."""
+        q = self.db.execute
+        lengths = {}
+        for (kind,) in q("select distinct kind from records order by kind").fetchall():
+            sizes = [r[0] for r in q("select n_chars from records where kind = ? order by n_chars", [kind])]
+            lengths[kind] = {"min": sizes[0], "median": sizes[len(sizes) // 2],
+                             "p90": sizes[min(len(sizes) - 1, int(len(sizes) * 0.9))], "max": sizes[-1]}
+        return {
+            "by_split": q("select kind, split, count(*) from records group by kind, split").fetchall(),
+            "by_source": q("select kind, coalesce(source, '-'), coalesce(model, '-'), count(*) from records "
+                           "group by 1, 2, 3 order by 1, 4 desc").fetchall(),
+            "lengths": lengths,  # characters of the stored canonical JSON, per kind
+            "failures": q("select coalesce(kind, '-'), reason, count(*) from failures group by 1, 2 "
+                          "order by 3 desc, 1, 2").fetchall(),
+        }
+
+    @staticmethod
+    def _where(kind: str | None, split: str | None) -> tuple[str, list]:
         where, args = [], []
         if kind is not None:
             where.append("kind = ?")
@@ -184,8 +219,11 @@ class Store:
         if split is not None:
             where.append("split = ?")
             args.append(split)
-        sql = "select count(*) from records" + (" where " + " and ".join(where) if where else "")
-        return self.db.execute(sql, args).fetchone()[0]
+        return (" where " + " and ".join(where) if where else ""), args
+
+    def count(self, kind: str | None = None, split: str | None = None) -> int:
+        where, args = self._where(kind, split)
+        return self.db.execute("select count(*) from records" + where, args).fetchone()[0]
 
     def require(self, kind: str, split: str, minimum: int = 1) -> list[dict]:
         """Records of a split, or a clear error saying how to get them."""

@@ -6,7 +6,7 @@
     math        {"question": "...", "answer": "42", ...}                     a verified problem (GRPO)
 
 Every string is NFC-normalised; control characters other than newline and tab are refused (a record
-carrying them is usually a broken decode, not data). Unknown fields are errors. Validation messages
+carrying them is usually a broken decode, not data), and so are unpaired surrogates. Unknown fields are errors. Validation messages
 name the field, e.g. `messages.2.content: must not be empty`.
 """
 
@@ -27,8 +27,11 @@ def clean_text(value: str) -> str:
     """NFC-normalise, turn CRLF into LF, refuse other control characters, strip outer whitespace."""
     value = unicodedata.normalize("NFC", value).replace("\r\n", "\n").replace("\r", "\n")
     for ch in value:
-        if unicodedata.category(ch) == "Cc" and ch not in _ALLOWED_CONTROL:
+        category = unicodedata.category(ch)
+        if category == "Cc" and ch not in _ALLOWED_CONTROL:
             raise ValueError(f"contains control character U+{ord(ch):04X}")
+        if category == "Cs":  # a lone surrogate from a JSON "\ud800" escape; SQLite cannot store it
+            raise ValueError(f"contains an unpaired surrogate U+{ord(ch):04X}")
     value = value.strip()
     if not value:
         raise ValueError("must not be empty")
