@@ -34,27 +34,39 @@ def open_store(db: Path | None):
 
 def main() -> None:
     """Entry point that turns user mistakes into one line and an exit code."""
+    from rich.markup import escape
+    from typer.exceptions import TyperException  # base of the (vendored) click usage errors
+
     from instar.report import err_console
 
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # returns the code of a `typer.Exit`, and 130 on Ctrl-C
     except InstarError as e:
-        err_console.print(f"[bold red]error:[/] {e}", highlight=False)
+        err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
         sys.exit(e.exit_code)
-    except KeyboardInterrupt:
+    except TyperException as e:  # unknown option, missing argument, bad value: usage line + exit 2
+        show = getattr(e, "show", None)
+        show() if show else err_console.print(f"error: {escape(e.format_message())}")
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        sys.exit(1)
+    if code == 130:
         err_console.print("[yellow]interrupted[/]: progress so far is saved; run the same command to resume")
-        sys.exit(130)
-    except Exception as e:
-        import click
+    sys.exit(code if type(code) is int else 0)
 
-        if isinstance(e, click.exceptions.Exit):
-            sys.exit(e.exit_code)
-        if isinstance(e, click.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Abort):
-            sys.exit(1)
-        raise
+
+def _version(value: bool) -> None:
+    if value:
+        from instar import __version__
+
+        print(f"instar {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                help="Print the version and exit.")] = False) -> None:
+    """Grow a small language model through every stage of its training, offline."""
 
 
 # -- data ---------------------------------------------------------------------------------------------
@@ -85,7 +97,7 @@ def data_import(file: Annotated[Path, typer.Argument(help="A JSONL file.")], kin
 
     result = import_jsonl(open_store(db), file, kind=kind)
     report.render_import(result)
-    if result.invalid and not result.inserted and not result.duplicates:
+    if not result.inserted and not result.duplicates:  # nothing valid in the file
         raise typer.Exit(1)
 
 

@@ -37,3 +37,112 @@ def format_value(name: str, v: float) -> str:
     if name.endswith("/s") or abs(v) >= 1000:
         return f"{v:,.0f}"
     return f"{v:.4f}"
+
+
+# -- data: `instar data stats / show / import` ----------------------------------------------------------
+def _table(title: str, *columns: str) -> "Table":
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left", title_style="bold")
+    for i, name in enumerate(columns):
+        table.add_column(name, justify="left" if i == 0 or not name else "right")
+    return table
+
+
+def render_stats(store, con: Console | None = None) -> None:
+    """Counts by kind x split and by source; length distributions; failures by kind and reason."""
+    con = con or console
+    stats = store.stats()
+    if not stats["by_split"] and not stats["failures"]:
+        where = f" in {store.path}" if store.path else ""
+        con.print(f"no records yet{where}: run `instar generate` or `instar data import FILE`")
+        return
+    counts: dict[str, dict[str, int]] = {}
+    for kind, split, n in stats["by_split"]:
+        counts.setdefault(kind, {})[split] = n
+    table = _table("records by kind and split", "kind", "train", "val", "test", "total")
+    for kind, row in sorted(counts.items()):
+        table.add_row(kind, *(f"{row.get(s, 0):,}" for s in ("train", "val", "test")), f"{sum(row.values()):,}")
+    con.print(table)
+    table = _table("records by source", "kind", "source", "model", "records")
+    for kind, source, model, n in stats["by_source"]:
+        table.add_row(kind, source, model, f"{n:,}")
+    con.print(table)
+    table = _table("length (characters of stored JSON)", "kind", "min", "median", "p90", "max")
+    for kind, q in stats["lengths"].items():
+        table.add_row(kind, *(f"{q[k]:,}" for k in ("min", "median", "p90", "max")))
+    con.print(table)
+    if stats["failures"]:
+        table = _table("failures by kind and reason", "kind", "reason", "count")
+        table.columns[1].justify = "left"
+        for kind, reason, n in stats["failures"][:20]:
+            table.add_row(kind, reason[:100], f"{n:,}")
+        con.print(table)
+        if len(stats["failures"]) > 20:
+            con.print(f"... and {len(stats['failures']) - 20:,} more distinct reasons")
+    else:
+        con.print("failures: none")
+
+
+def _record_body(kind: str, data: dict) -> "Text":
+    from rich.text import Text
+
+    body = Text()
+    if kind == "text":
+        body.append(data["text"])
+    elif kind == "messages":
+        for m in data["messages"]:
+            body.append(f"{m['role']}: ", style="bold").append(m["content"] + "\n")
+    elif kind == "preference":
+        for m in data["prompt"]:
+            body.append(f"{m['role']}: ", style="bold").append(m["content"] + "\n")
+        body.append("chosen: ", style="bold green").append(data["chosen"] + "\n")
+        body.append("rejected: ", style="bold red").append(data["rejected"])
+    else:
+        body.append("question: ", style="bold").append(data["question"] + "\n")
+        if data.get("solution"):
+            body.append("solution: ", style="bold").append(data["solution"] + "\n")
+        body.append("answer: ", style="bold").append(data["answer"])
+    body.rstrip()
+    body.truncate(1500, overflow="ellipsis")
+    return body
+
+
+def render_records(store, kind: str | None = None, split: str | None = None, limit: int = 5,
+                   con: Console | None = None) -> None:
+    """Up to `limit` records of each kind (or of `kind`), one panel each, titled kind · split · id."""
+    from rich.panel import Panel
+
+    from instar.schemas.records import KINDS
+
+    con = con or console
+    if kind is not None and kind not in KINDS:
+        from instar.errors import InstarError
+
+        raise InstarError(f"unknown kind {kind!r}: expected one of {', '.join(KINDS)}")
+    shown = 0
+    for k in [kind] if kind else list(KINDS):
+        for row in store.iter_rows(k, split, limit=limit):
+            extra = f" · {row['data']['family']} · difficulty {row['data']['difficulty']}" if k == "math" else ""
+            con.print(Panel(_record_body(k, row["data"]), title=f"{k} · {row['split']} · {row['id']}{extra}",
+                            title_align="left"))
+            shown += 1
+    if not shown:
+        con.print(f"no {kind or ''} records{' in split ' + split if split else ''}".replace("  ", " "))
+
+
+def render_import(result, con: Console | None = None) -> None:
+    """Counts, then the first invalid lines with their line numbers and reasons."""
+    con = con or console
+    kinds = ", ".join(f"{k} {n:,}" for k, n in sorted(result.by_kind.items())) or "none"
+    con.print(f"[bold]{result.path}[/]: {result.lines:,} lines read ({kinds}), "
+              f"[green]{result.inserted:,} inserted[/], {result.duplicates:,} already stored, "
+              f"[{'red' if result.invalid else 'green'}]{result.invalid:,} invalid[/]"
+              + (f", {result.blank:,} blank" if result.blank else ""), highlight=False)
+    if not result.lines:
+        con.print("no records: the file has only blank lines")
+    for number, reason in result.errors[:10]:
+        con.print(f"  line {number}: {reason}", markup=False, highlight=False)
+    if result.invalid > 10:
+        con.print(f"  ... and {result.invalid - 10:,} more invalid lines "
+                  f"(all kept as failures of run {result.run_id}; see `instar data stats`)", highlight=False)
