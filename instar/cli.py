@@ -114,5 +114,20 @@ def data_export(out: Annotated[Path, typer.Option("--out", "-o", help="JSONL fil
     report.console.print(f"wrote {n:,} records to {out}")
 
 
+# -- report, export, chat, run ------------------------------------------------------------------------
+RunArg = Annotated[Optional[str], typer.Argument(help="Run id or run directory [default: the latest run].")]
+
+
+@app.command("report")
+def report_cmd(run: RunArg = None,
+               html: Annotated[Optional[Path], typer.Option(help="HTML file [default: next to the run].")] = None,
+               db: DbOpt = None) -> None:
+    """The report card: held-out numbers, answers to fixed prompts and curves, from the stored runs."""
+    from instar import report
+    from instar.report_card import report as report_card
+
+    report_card(open_store(db), run, report.console, html)
+
+
 if __name__ == "__main__":
     main()

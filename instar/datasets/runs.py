@@ -94,3 +94,14 @@ def metric_series(store: Store, run_id: str, name: str) -> list[tuple[int, float
 
 def run_samples(store: Store, run_id: str) -> list[dict]:
     return list(store.db["samples"].rows_where("run_id = ?", [run_id], order_by="id"))
+
+
+def child_runs(store: Store, parent_id: str) -> list[dict]:
+    """Runs started under a pipeline run (`parent_id`), oldest first."""
+    return list(store.db["runs"].rows_where("parent_id = ?", [parent_id], order_by="started_at"))
+
+
+def metric_names(store: Store, run_id: str) -> list[str]:
+    """Every metric name a run logged, in the order first logged."""
+    return [r[0] for r in store.db.execute(
+        "select name from metrics where run_id = ? group by name order by min(id)", [run_id])]
