@@ -129,5 +129,27 @@ def report_cmd(run: RunArg = None,
     report_card(open_store(db), run, report.console, html)
 
 
+# -- generate ---------------------------------------------------------------------------------------------
+@app.command("generate")
+def generate_cmd(
+        kind: Annotated[str, typer.Argument(help="corpus, instructions, preferences or math.")],
+        count: Annotated[Optional[int], typer.Option("--count", "-n", help="Top the store up to N records.")] = None,
+        backend: Annotated[Optional[str], typer.Option(help="embedded (default), llamacpp or ollama.")] = None,
+        model: Annotated[Optional[str], typer.Option(help="GGUF path (llamacpp) or model name (ollama).")] = None,
+        host: Annotated[Optional[list[str]], typer.Option(help="Ollama server URL; repeat to spread load.")] = None,
+        source: Annotated[Optional[str], typer.Option(help="math: llm (default) or procedural.")] = None,
+        seed: Annotated[Optional[int], typer.Option(help="Base seed (default 0).")] = None,
+        concurrency: Annotated[Optional[int], typer.Option(help="Requests in flight (Ollama).")] = None,
+        temperature: Annotated[Optional[float], typer.Option(help="Sampling temperature.")] = None,
+        config: ConfigOpt = None, set_: SetOpt = None, db: DbOpt = None) -> None:
+    """Generate records of one kind with a local LLM until the store holds --count of them."""
+    from instar import report
+    from instar.generate.pipeline import config_from_options, generate
+
+    cfg = config_from_options(config, set_, kind=kind, count=count, backend=backend, model=model, hosts=host,
+                              source=source, seed=seed, concurrency=concurrency, temperature=temperature)
+    report.render_generate(generate(open_store(db), cfg))
+
+
 if __name__ == "__main__":
     main()

