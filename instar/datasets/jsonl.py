@@ -126,7 +126,7 @@ def parse_line(raw: bytes, kind: str | None = None) -> tuple[str, dict]:
     try:
         obj = json.loads(text.removeprefix("\ufeff"))
     except json.JSONDecodeError as e:
-        raise ValueError(f"bad JSON: {e.msg} at column {e.colno}") from None
+        raise ValueError(f"bad JSON: {e.msg.removesuffix(' at')} at column {e.colno}") from None
     except RecursionError:
         raise ValueError("bad JSON: nested too deeply") from None
     if not isinstance(obj, dict):
