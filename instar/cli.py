@@ -42,7 +42,7 @@ def main() -> None:
     try:
         code = app(standalone_mode=False)  # returns the code of a `typer.Exit`, and 130 on Ctrl-C
     except InstarError as e:
-        err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
+        err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)  # one line
         sys.exit(e.exit_code)
     except TyperException as e:  # unknown option, missing argument, bad value: usage line + exit 2
         show = getattr(e, "show", None)
@@ -127,6 +127,37 @@ def report_cmd(run: RunArg = None,
     from instar.report_card import report as report_card
 
     report_card(open_store(db), run, report.console, html)
+
+
+@app.command("export")
+def export_cmd(out: Annotated[Path, typer.Option("--out", "-o", help="GGUF file or folder to write.")],
+               run: RunArg = None,
+               fmt: Annotated[str, typer.Option("--format", "-f", help="hf or gguf.")] = "gguf",
+               dtype: Annotated[str, typer.Option(help="GGUF tensor type: f16 or f32.")] = "f16",
+               db: DbOpt = None) -> None:
+    """Export a run's model: a Hugging Face directory, or a GGUF file + Ollama Modelfile."""
+    from instar import report
+    from instar.export import export
+    from instar.report_card import resolve_model
+    from instar.train.common import model_dir
+
+    for path in export(model_dir(resolve_model(open_store(db), run)), fmt, out, dtype):
+        report.console.print(f"wrote {path}")
+
+
+@app.command("chat")
+def chat_cmd(run: RunArg = None,
+             temperature: Annotated[float, typer.Option(help="Sampling temperature (0 = greedy).")] = 0.7,
+             max_tokens: Annotated[int, typer.Option(help="Longest reply, in tokens.")] = 200,
+             system: Annotated[Optional[str], typer.Option(help="A system prompt.")] = None,
+             db: DbOpt = None) -> None:
+    """Chat in the terminal with any stage's model (`/reset` forgets, `/exit` or Ctrl-D quits)."""
+    from instar import report
+    from instar.chat import chat
+    from instar.report_card import resolve_model
+
+    chat(resolve_model(open_store(db), run), sys.stdin, report.console, max_new_tokens=max_tokens,
+         temperature=temperature, system=system)
 
 
 # -- generate ---------------------------------------------------------------------------------------------

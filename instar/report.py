@@ -142,7 +142,7 @@ def render_import(result, con: Console | None = None) -> None:
     if not result.lines:
         con.print("no records: the file has only blank lines")
     for number, reason in result.errors[:10]:
-        con.print(f"  line {number}: {reason}", markup=False, highlight=False)
+        con.print(f"  line {number}: {reason}", markup=False, highlight=False, soft_wrap=True)
     if result.invalid > 10:
         con.print(f"  ... and {result.invalid - 10:,} more invalid lines "
                   f"(all kept as failures of run {result.run_id}; see `instar data stats`)", highlight=False)
