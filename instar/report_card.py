@@ -111,6 +111,21 @@ def stage_runs(store: Store, run: dict) -> list[dict]:
                                                   else len(STAGE_ORDER), r["started_at"] or 0))
 
 
+def resolve_model(store: Store, run: str | None = None) -> str:
+    """What `export` and `chat` load: a path or 'embedded-smollm2' as given, else a run's model directory.
+
+    A pipeline run means its last stage with a finished model (the reward model is a scorer, not a chat
+    model, so it is skipped)."""
+    if run and (run == "embedded-smollm2" or Path(run).exists()):
+        return run
+    row = resolve_run(store, run)
+    rows = [r for r in stage_runs(store, row) if r["stage"] != "reward"] if row["kind"] == "pipeline" else [row]
+    done = [r for r in rows if r.get("out_dir") and (Path(r["out_dir"]) / "model" / "config.json").exists()]
+    if not done:
+        raise InstarError(f"run {row['id']} has no finished model yet (a run directory with model/)")
+    return done[-1]["out_dir"]
+
+
 def stage_card(store: Store, row: dict) -> StageCard:
     summary = row.get("summary") or {}
     seconds = (row["finished_at"] or time.time()) - row["started_at"] if row.get("started_at") else None
