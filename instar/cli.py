@@ -182,5 +182,29 @@ def generate_cmd(
     report.render_generate(generate(open_store(db), cfg))
 
 
+# -- train ------------------------------------------------------------------------------------------------
+@app.command("train")
+def train_cmd(stage: Annotated[str, typer.Argument(help="pretrain, sft, reward, ppo, dpo or grpo.")],
+              config: ConfigOpt = None, set_: SetOpt = None, db: DbOpt = None) -> None:
+    """Train one stage; re-running the same command resumes from the run directory's checkpoint."""
+    from instar import report
+    from instar.train import run_stage
+
+    report.render_train(run_stage(stage, config, set_ or [], open_store(db)))
+
+
+@app.command("eval")
+def eval_cmd(checkpoint: Annotated[str, typer.Argument(help="Run directory, HF model directory or embedded-smollm2.")],
+             data: Annotated[Path, typer.Option("--data", "-d", help="JSONL file of text or messages records.")],
+             json_: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+             batch_size: Annotated[int, typer.Option(help="Sequences per batch.")] = 8,
+             max_len: Annotated[int, typer.Option(help="Tokens per sequence.")] = 512) -> None:
+    """Score a checkpoint on your own held-out JSONL file (text: loss + bits/byte; messages: assistant loss)."""
+    from instar import report
+    from instar.train.evaluate import evaluate_file
+
+    report.render_eval(evaluate_file(checkpoint, data, batch_size=batch_size, max_len=max_len), as_json=json_)
+
+
 if __name__ == "__main__":
     main()

@@ -170,3 +170,40 @@ def render_generate(result, con: Console | None = None) -> None:
     if result.status == "stopped":
         con.print("[yellow]stopped early[/]: too many rejections for this target (raise --set max_attempts=N, "
                   "or use a stronger model)")
+
+
+# -- train: `instar train STAGE`, `instar eval` -----------------------------------------------------------
+def render_train(summary: dict, con: Console | None = None) -> None:
+    """Start -> end of each held-out metric of a finished stage, and where its model is."""
+    con = con or console
+    if summary.get("already_done"):
+        con.print(f"[yellow]{summary['stage']} already finished[/] in {summary['config']['out']} "
+                  f"(run {summary['run_id']}); delete that folder or set another `out` to train again")
+    table = _table(f"{summary['stage']} · run {summary['run_id']}", "metric", "start", "end")
+    for name, end in summary.get("end", {}).items():
+        table.add_row(name, format_value(name, summary.get("start", {}).get(name)), format_value(name, end))
+    con.print(table)
+    con.print(f"model: {summary['config']['out']}/model", highlight=False)
+
+
+def render_eval(result: dict, as_json: bool = False, con: Console | None = None) -> None:
+    import json
+
+    con = con or console
+    if as_json:
+        print(json.dumps(result))  # plain stdout: machine-readable, no rich markup or wrapping
+        return
+    table = _table(f"eval · {result['kind']} · {result['n']:,} records", "metric", "value")
+    for name, value in result.items():
+        if name not in ("kind", "n"):
+            table.add_row(name, f"{value:,}" if isinstance(value, int) else format_value(name, value))
+    con.print(table)
+
+
+# -- grpo: sampled completions ----------------------------------------------------------------------------
+def grpo_samples_table(rows: list[dict], title: str) -> "Table":
+    """prompt | completion | reward | advantage, one row per sampled completion (GRPO's sample log)."""
+    table = _table(title, "prompt", "completion", "reward", "advantage")
+    for r in rows:
+        table.add_row(r["prompt"], r["completion"], f"{r['reward']:.2f}", f"{r['advantage']:+.2f}")
+    return table

@@ -1,0 +1,139 @@
+"""Held-out scoring, shared by the stages (start/end metrics) and `instar eval CHECKPOINT --data FILE.jsonl`.
+
+    score_rows(model, rows, tbytes, batch_size)            packed text rows [N, L] -> {"loss", "bpb", "tokens"}
+    score_conversations(model, examples, pad_id, batch_size)  (ids, mask) pairs -> {"loss", "tokens"} on assistant tokens
+    evaluate_file("runs/sft", "val.jsonl") -> {"kind": "messages", "n": 120, "loss": 2.1, "tokens": 9120}
+
+`EVALUATORS` maps a record kind to fn(model, tok, records, opts) -> metrics; a stage adds its kind by
+registering one (GRPO adds "math"). Loss is mean next-token cross-entropy in nats. Bits-per-byte is the
+summed loss of tokens that stand for text, in bits, over the UTF-8 bytes they stand for (special tokens are
+0 bytes and left out, as in nanochat), so it compares models with different tokenizers.
+The file is scored whole, in the order given; nothing is stored.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from instar.errors import InstarError
+from instar.train.common import collate, pack_documents, render_chat, token_bytes, token_logprobs
+
+
+# --- scoring primitives ----------------------------------------------------------------------------------
+@torch.no_grad()
+def score_rows(model, rows: torch.Tensor, tbytes: torch.Tensor, batch_size: int = 8,
+               max_batches: int | None = None) -> dict:
+    """Loss and bpb of packed rows [N, L] (every token after the first in each row is scored)."""
+    device = next(model.parameters()).device
+    nll_sum, n_tok, bits_nll, n_bytes = 0.0, 0, 0.0, 0.0
+    for b, i in enumerate(range(0, rows.shape[0], batch_size)):
+        if max_batches is not None and b >= max_batches:
+            break
+        ids = rows[i:i + batch_size].to(device)
+        nll = -token_logprobs(model(input_ids=ids).logits, ids)[:, 1:]        # [B, L-1]
+        nbytes = tbytes.to(device)[ids[:, 1:]]                                # [B, L-1]
+        nll_sum += float(nll.sum())
+        n_tok += nll.numel()
+        bits_nll += float((nll * (nbytes > 0)).sum())
+        n_bytes += float(nbytes.sum())
+    return {"loss": nll_sum / max(n_tok, 1), "bpb": bits_nll / math.log(2) / max(n_bytes, 1.0), "tokens": n_tok}
+
+
+@torch.no_grad()
+def score_conversations(model, examples: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int = 8,
+                        max_batches: int | None = None) -> dict:
+    """Mean loss over assistant tokens (mask == 1) of rendered conversations."""
+    device = next(model.parameters()).device
+    nll_sum, n_tok = 0.0, 0
+    for b, i in enumerate(range(0, len(examples), batch_size)):
+        if max_batches is not None and b >= max_batches:
+            break
+        chunk = examples[i:i + batch_size]
+        batch = collate([e[0] for e in chunk], [e[1] for e in chunk], pad_id)
+        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
+        labels = batch["labels"].to(device)
+        lp = token_logprobs(logits, labels)
+        nll_sum += -float(lp.sum())
+        n_tok += int((labels[:, 1:] != -100).sum())
+    return {"loss": nll_sum / max(n_tok, 1), "tokens": n_tok}
+
+
+def render_examples(tok, conversations: list[list[dict]], max_len: int) -> list[tuple[list[int], list[int]]]:
+    """render_chat each conversation, truncate to max_len, drop those left with no assistant token."""
+    out = []
+    for messages in conversations:
+        ids, mask = render_chat(tok, messages)
+        ids, mask = ids[:max_len], mask[:max_len]
+        if sum(mask[1:]):
+            out.append((ids, mask))
+    return out
+
+
+# --- per-kind dispatch -----------------------------------------------------------------------------------
+@dataclass
+class EvalOptions:
+    batch_size: int = 8
+    max_len: int = 512
+
+
+def eval_text(model, tok, records: list[dict], opts: EvalOptions) -> dict:
+    rows = pack_documents(tok, [r["text"] for r in records], opts.max_len)
+    return score_rows(model, rows, token_bytes(tok), opts.batch_size)
+
+
+def eval_messages(model, tok, records: list[dict], opts: EvalOptions) -> dict:
+    examples = render_examples(tok, [r["messages"] for r in records], opts.max_len)
+    if not examples:
+        raise InstarError("no conversation has an assistant token within max_len")
+    return score_conversations(model, examples, tok.pad_token_id, opts.batch_size)
+
+
+EVALUATORS: dict[str, Callable] = {"text": eval_text, "messages": eval_messages}
+
+
+def read_jsonl(path: Path, kind: str | None = None) -> tuple[str, list[dict]]:
+    """Validated records of one kind from a JSONL file (kind inferred from the first record's fields)."""
+    from instar.datasets.store import validate_record
+
+    guess = {"text": "text", "messages": "messages", "chosen": "preference", "question": "math"}
+    path = Path(path)
+    if not path.is_file():
+        raise InstarError(f"data file not found: {path}")
+    records = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            data = json.loads(line)
+            kind = kind or next((k for f, k in guess.items() if isinstance(data, dict) and f in data), None)
+            if kind is None:
+                raise ValueError("cannot tell the record kind from its fields")
+            records.append(validate_record(kind, data))
+        except ValueError as e:  # json.JSONDecodeError is a ValueError
+            raise InstarError(f"{path}:{n}: {e}") from None
+    if not records:
+        raise InstarError(f"{path} holds no records")
+    return kind, records
+
+
+def evaluate_file(checkpoint: str | Path, data: str | Path, kind: str | None = None, batch_size: int = 8,
+                  max_len: int = 512, device: str = "auto") -> dict:
+    """Score a model (run dir, HF dir or embedded-smollm2) on a JSONL file: {"kind", "n", metrics...}."""
+    from instar.train.common import TrainConfig, load_model, resolve_device, use_bf16
+
+    kind, records = read_jsonl(Path(data), kind)
+    if kind not in EVALUATORS:
+        raise InstarError(f"no evaluator for {kind!r} records (have: {', '.join(EVALUATORS)})")
+    cfg = TrainConfig(device=device)
+    dev = resolve_device(cfg)
+    model, tok = load_model(checkpoint, dev)
+    model.eval()
+    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16(cfg, dev)):
+        metrics = EVALUATORS[kind](model, tok, records, EvalOptions(batch_size, max_len))
+    return {"kind": kind, "n": len(records), **metrics}
