@@ -243,8 +243,8 @@ def stop_ids(tok) -> list[int]:
     """Token ids that end a generation: <|im_end|>, the eos, <|endoftext|> (those that exist), eos first."""
     ids = [tok.eos_token_id]
     for t in ("<|im_end|>", "<|endoftext|>"):
-        i = tok.convert_tokens_to_ids(t)
-        if isinstance(i, int) and i != tok.unk_token_id and i not in ids:
+        i = tok.convert_tokens_to_ids(t)  # may return unk for a missing token: check the round trip
+        if isinstance(i, int) and tok.convert_ids_to_tokens(i) == t and i not in ids:
             ids.append(i)
     return [i for i in ids if i is not None]
 
@@ -314,7 +314,7 @@ def pack_documents(tok, texts: list[str], seq_len: int) -> torch.Tensor:
     a stream shorter than one row becomes a single shorter row. Attention crosses document boundaries
     (the separator tells the model a new document starts; nanoGPT does the same)."""
     sep = tok.convert_tokens_to_ids("<|endoftext|>")
-    if not isinstance(sep, int) or sep == tok.unk_token_id:
+    if not isinstance(sep, int) or tok.convert_ids_to_tokens(sep) != "<|endoftext|>":
         sep = tok.eos_token_id
     stream: list[int] = []
     for ids in tok(list(texts), add_special_tokens=False)["input_ids"]:

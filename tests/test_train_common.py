@@ -1,0 +1,153 @@
+"""Shared trainer primitives on hand-made inputs: the chat renderer's loss mask, padding vs the stop token,
+the one log-prob shift, batched generation, LoRA merge, checkpoints. No training here (see test_train_stages)."""
+
+import math
+
+import pytest
+import torch
+
+from instar.errors import InstarError
+from instar.train.common import (collate, generate, lm_loss, load_checkpoint, merge_lora, render_chat,
+                                 save_checkpoint, stop_ids, token_logprobs, wrap_lora, TrainConfig)
+from train_fixtures import tiny_model, tiny_tokenizer
+
+CONVERSATION = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "What is 2 plus 3?"},
+    {"role": "assistant", "content": "2 plus 3 is 5."},
+    {"role": "user", "content": "And the cat?"},
+    {"role": "assistant", "content": "the cat sees a red ball."},
+]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+def spans(mask):
+    """[(start, end)] of runs of 1s."""
+    out, start = [], None
+    for i, m in enumerate(mask + [0]):
+        if m and start is None:
+            start = i
+        if not m and start is not None:
+            out.append((start, i))
+            start = None
+    return out
+
+
+def test_render_chat_masks_exactly_the_assistant_turns(tok):
+    ids, mask = render_chat(tok, CONVERSATION)
+    assert len(ids) == len(mask)
+    # Same ids as tokenising the whole template text at once: one source of truth with the chat template.
+    text = tok.apply_chat_template(CONVERSATION, tokenize=False)
+    assert ids == tok(text, add_special_tokens=False)["input_ids"]
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    runs = spans(mask)
+    assert len(runs) == 2
+    for (a, b), turn in zip(runs, [CONVERSATION[2], CONVERSATION[4]]):
+        # In the loss: the first response token ... through the end-of-turn token, nothing else.
+        assert tok.decode(ids[a:b]) == turn["content"] + "<|im_end|>"
+        assert ids[b - 1] == im_end
+        assert tok.decode(ids[:a]).endswith("<|im_start|>assistant\n")   # header stays out of the loss
+    # No prompt token (system/user content, headers) is in the loss.
+    prompt_text = tok.decode([t for t, m in zip(ids, mask) if not m])
+    assert "What is 2 plus 3?" in prompt_text and "You are terse." in prompt_text and "And the cat?" in prompt_text
+    assert "sees a red ball" not in prompt_text
+
+
+def test_render_chat_generation_prompt_ends_with_assistant_header(tok):
+    ids, mask = render_chat(tok, CONVERSATION[:2], add_generation_prompt=True)
+    assert sum(mask) == 0
+    assert tok.decode(ids).endswith("<|im_start|>assistant\n")
+
+
+def test_pad_is_not_eos_and_labels_keep_the_stop_token(tok):
+    assert tok.pad_token_id != tok.eos_token_id
+    assert tok.eos_token == "<|im_end|>" and tok.eos_token_id in stop_ids(tok)
+    a = render_chat(tok, CONVERSATION[1:3])
+    b = render_chat(tok, CONVERSATION[1:5])
+    for pad in (tok.pad_token_id, tok.eos_token_id):  # even when a base model has pad == eos
+        batch = collate([a[0], b[0]], [a[1], b[1]], pad)
+        row = batch["labels"][0]
+        last = len(a[0]) - 1
+        while a[1][last] == 0:  # trailing newline after <|im_end|> is not in the loss
+            last -= 1
+        assert row[last] == tok.eos_token_id                      # the stop token is a target
+        assert (row[len(a[0]):] == -100).all()                    # padding never is
+        assert batch["attention_mask"][0].sum() == len(a[0])
+
+
+def test_token_logprobs_shift_on_a_hand_made_example():
+    # V = 4, T = 3. logits at position t predict token t+1.
+    logits = torch.tensor([[[2.0, 0.0, 0.0, 0.0],
+                            [0.0, 0.0, 3.0, 0.0],
+                            [9.0, 9.0, 9.0, 9.0]]])
+    labels = torch.tensor([[1, 0, 2]])
+    out = token_logprobs(logits, labels)
+    assert out.shape == (1, 3)
+    assert out[0, 0] == 0                                           # nothing predicts the first token
+    assert out[0, 1].item() == pytest.approx(2.0 - math.log(math.e ** 2 + 3))   # p(0 | pos 0)
+    assert out[0, 2].item() == pytest.approx(3.0 - math.log(math.e ** 3 + 3))   # p(2 | pos 1)
+    # Temperature divides the logits before the softmax.
+    hot = token_logprobs(logits, labels, temperature=2.0)
+    assert hot[0, 1].item() == pytest.approx(1.0 - math.log(math.e + 3))
+    # Ignored labels give 0.
+    assert token_logprobs(logits, torch.tensor([[1, -100, 2]]))[0, 1] == 0
+
+
+def test_lm_loss_equals_transformers_loss(tok):
+    model = tiny_model(tok)
+    ids, mask = render_chat(tok, CONVERSATION)
+    batch = collate([ids], [mask], tok.pad_token_id)
+    out = model(input_ids=batch["input_ids"], labels=batch["labels"])
+    ours, n = lm_loss(out.logits, batch["labels"])
+    assert n == sum(mask)
+    assert ours.item() == pytest.approx(out.loss.item(), abs=1e-5)
+
+
+def test_batched_generation_matches_one_by_one(tok):
+    model = tiny_model(tok)
+    prompts = [render_chat(tok, [{"role": "user", "content": q}], add_generation_prompt=True)[0]
+               for q in ("What is 2 plus 3?", "the cat sees a red ball and the dog likes some bread?")]
+    both = generate(model, tok, prompts, max_new_tokens=6)
+    for i, p in enumerate(prompts):
+        alone = generate(model, tok, [p], max_new_tokens=6)
+        assert both.texts[i] == alone.texts[0]
+    assert both.completion_ids.shape == both.completion_mask.shape
+    # Sampling with a seed is reproducible and leaves the caller's RNG alone.
+    torch.manual_seed(1)
+    before = torch.get_rng_state()
+    s1 = generate(model, tok, prompts, max_new_tokens=6, temperature=1.0, seed=7).texts
+    assert torch.equal(before, torch.get_rng_state())
+    assert s1 == generate(model, tok, prompts, max_new_tokens=6, temperature=1.0, seed=7).texts
+
+
+def test_lora_merge_gives_the_same_logits(tok):
+    model = wrap_lora(tiny_model(tok), TrainConfig(lora_r=4, lora_alpha=8))
+    torch.manual_seed(3)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # B starts at zero; make the adapter do something
+            p.data.normal_(0, 0.05)
+    ids = torch.tensor([render_chat(tok, CONVERSATION)[0]])
+    with torch.no_grad():
+        adapted = model(input_ids=ids).logits
+        merged_model = merge_lora(model)
+        merged = merged_model(input_ids=ids).logits
+    assert type(merged_model).__name__ == "LlamaForCausalLM"
+    assert not any("lora" in k for k in merged_model.state_dict())
+    assert torch.allclose(adapted, merged, atol=1e-4)
+
+
+def test_checkpoint_round_trip_and_corruption(tok, tmp_path):
+    model = tiny_model(tok)
+    save_checkpoint(tmp_path / "ckpt", model, {"step": 7, "rng": torch.get_rng_state()})
+    other = tiny_model(tok, seed=1)
+    state = load_checkpoint(tmp_path / "ckpt", other)
+    assert state["step"] == 7
+    for (k, a), (_, b) in zip(model.state_dict().items(), other.state_dict().items()):
+        assert torch.equal(a, b), k
+    (tmp_path / "ckpt" / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(InstarError, match="corrupt or incompatible checkpoint"):
+        load_checkpoint(tmp_path / "ckpt", other)
