@@ -170,3 +170,17 @@ def test_integrity_after_normal_use(db_path):
     store.add("text", [{"text": "x"}])
     con = sqlite3.connect(db_path)
     assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def test_concurrent_first_opens_migrate_once(tmp_path):
+    # Four processes' worth of connections open the same new database at once (threads, separate connections).
+    from concurrent.futures import ThreadPoolExecutor
+
+    path = tmp_path / "shared.db"
+    def open_and_look(_):
+        store = Store.open(path)
+        return store.db["_instar_migrations"].count, [c.name for c in store.db["records"].columns]
+
+    with ThreadPoolExecutor(4) as pool:
+        seen = list(pool.map(open_and_look, range(4)))
+    assert seen == [(len(MIGRATIONS), EXPECTED_COLUMNS["records"])] * 4

@@ -58,17 +58,30 @@ def m001_initial(db: sqlite_utils.Database) -> None:
 
 
 def migrate(db: sqlite_utils.Database) -> list[str]:
-    """Apply every pending migration in order; return the names applied."""
+    """Apply every pending migration in order; return the names applied.
+
+    Each runs inside `BEGIN IMMEDIATE` (the write lock is taken before the check), so two processes opening
+    a new database at the same moment apply each migration exactly once, and a kill mid-migration rolls it back.
+    """
     table = db["_instar_migrations"]
-    if not table.exists():
-        table.create({"name": str, "applied_at": float}, pk="name")
-    done = {row["name"] for row in table.rows}
+    db.execute('create table if not exists "_instar_migrations" ("name" TEXT PRIMARY KEY, "applied_at" FLOAT)')
     applied = []
     for fn in MIGRATIONS:
-        if fn.__name__ in done:
+        if _applied(db, fn.__name__):
             continue
-        with db.atomic():  # one transaction per migration (DDL included: sqlite-utils issues BEGIN)
-            fn(db)
-            table.insert({"name": fn.__name__, "applied_at": time.time()})
-        applied.append(fn.__name__)
+        db.conn.execute("BEGIN IMMEDIATE")
+        try:
+            if not _applied(db, fn.__name__):  # another process may have applied it while we waited
+                fn(db)  # sqlite-utils nests its own writes as savepoints inside this transaction
+                table.insert({"name": fn.__name__, "applied_at": time.time()})
+                applied.append(fn.__name__)
+            db.conn.execute("COMMIT")
+        except BaseException:
+            if db.conn.in_transaction:
+                db.conn.execute("ROLLBACK")
+            raise
     return applied
+
+
+def _applied(db: sqlite_utils.Database, name: str) -> bool:
+    return db.execute('select 1 from "_instar_migrations" where name = ?', [name]).fetchone() is not None

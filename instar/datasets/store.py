@@ -112,8 +112,8 @@ class Store:
             raise InstarError(f"database folder does not exist: {path.parent}")
         try:
             db = sqlite_utils.Database(path)
+            db.execute("PRAGMA busy_timeout = 30000")  # wait for another process's write instead of failing
             db.enable_wal()
-            db.execute("PRAGMA busy_timeout = 30000")
             migrate(db)
         except Exception as e:  # sqlite3.DatabaseError: file is not a database, locked, ...
             raise InstarError(f"cannot open database {path}: {e}") from None
