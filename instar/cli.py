@@ -20,7 +20,7 @@ data_app = typer.Typer(help="Inspect, import and export the dataset store.", no_
 app.add_typer(data_app, name="data")
 
 DbOpt = Annotated[Optional[Path], typer.Option("--db", envvar="INSTAR_DB",
-                                               help="SQLite database [default: ./instar.db].")]
+                                               help="SQLite database (default: ./instar.db).")]
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML config file.")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override a config key: key=value.")]
 KindOpt = Annotated[Optional[str], typer.Option("--kind", "-k", help="text, messages, preference or math.")]
