@@ -65,15 +65,25 @@ _SAFE_CHAR_RULE = r'char ::= [^"\\\x00-\x1F]'
 
 
 def schema_grammar(schema: dict) -> str:
-    """GBNF for a JSON schema, with control characters excluded from strings."""
-    from llama_cpp.llama_grammar import json_schema_to_gbnf
+    """GBNF for a JSON schema, with control characters excluded from strings and compact length bounds."""
+    from llama_cpp.llama_grammar import _build_repetition, json_schema_to_gbnf
 
     gbnf = json_schema_to_gbnf(json.dumps(schema))
     if "char ::=" in gbnf:
         if _CHAR_RULE not in gbnf:  # llama-cpp-python changed its rule: fail loudly rather than allow \x00
             raise RuntimeError("unexpected char rule in llama-cpp-python's JSON grammar; update schema_grammar")
         gbnf = gbnf.replace(_CHAR_RULE, _SAFE_CHAR_RULE)
-    return gbnf
+    # A maxLength string becomes `char char (char (char ...)?)?` nested maxLength deep; at 1200 llama.cpp's
+    # grammar parser fails and the process segfaults. GBNF's `char{min,max}` means the same and parses flat.
+    lines = []
+    for line in gbnf.splitlines():
+        name, sep, body = line.partition(" ::= ")
+        middle = body.removeprefix('"\\"" ').removesuffix(' "\\"" space')
+        total, optional = middle.count("char"), middle.count("(char")
+        if sep and middle != body and total and middle == _build_repetition("char", total - optional, total):
+            line = f'{name} ::= "\\"" char{{{total - optional},{total}}} "\\"" space'
+        lines.append(line)
+    return "\n".join(lines)
 
 
 class LlamaCppBackend:
@@ -125,13 +135,16 @@ class LlamaCppBackend:
             llm = self._load()
             grammar = self._grammar(schema) if (schema is not None and self.constrained) else None
             t0 = time.perf_counter()
-            try:
-                out = llm.create_chat_completion(messages, temperature=temperature, seed=seed,
-                                                 max_tokens=max_tokens, grammar=grammar)
-            except ValueError as e:  # "Requested tokens (...) exceed context window of ..."
-                if "context window" in str(e):
-                    return Generation("", finish_reason="context")
-                raise
+            # Forget the KV cache: reusing a cached prompt prefix changes the logits slightly (batched vs
+            # single-token evaluation), so the same seed gave different text. Prompts are short; re-reading costs little.
+            llm.reset()
+            # A prompt longer than n_ctx crashes inside llama-cpp-python (a numpy broadcast error): count it
+            # first (contents plus ~8 template tokens a message) and report it as a context failure.
+            prompt = sum(len(llm.tokenize(m["content"].encode(), add_bos=False)) + 8 for m in messages)
+            if prompt >= self.n_ctx:
+                return Generation("", finish_reason="context", prompt_tokens=prompt)
+            out = llm.create_chat_completion(messages, temperature=temperature, seed=seed,
+                                             max_tokens=max_tokens, grammar=grammar)
             choice, usage = out["choices"][0], out["usage"]
             return Generation(choice["message"]["content"] or "", choice["finish_reason"] or "stop",
                               usage["prompt_tokens"], usage["completion_tokens"], time.perf_counter() - t0)

@@ -52,10 +52,13 @@ class Verdict(Output):
 class WordProblem(Output):
     question: str = Field(min_length=20, max_length=400, description=(
         "A short math word problem that asks for one number."))
-    expression: str = Field(min_length=1, max_length=80, description=(
+    # Patterns (which the grammar enforces) keep a small model from writing prose where a number belongs.
+    # `[.]`, not `\\.`: llama.cpp's GBNF parser rejects the escape the converter would emit.
+    expression: str = Field(pattern=r"^[0-9][0-9+*/(). -]{0,59}$", description=(
         "One arithmetic expression that computes the answer, using only numbers, + - * / and parentheses, "
         "for example (12 + 8) * 3."))
-    answer: str = Field(min_length=1, max_length=24, description="The answer as a number only, for example 60.")
+    answer: str = Field(pattern=r"^-?[0-9]{1,9}([.][0-9]{1,4})?$", description=(
+        "The answer as a number only, for example 60."))
 
 
 def describe(model: type[Output]) -> str:

