@@ -20,7 +20,7 @@ from pydantic import Field
 from instar.train.common import (PRESETS, TrainConfig, load_model, lm_loss, new_model, non_embedding_params,
                                  pack_documents, Sampler, token_bytes)
 from instar.train.evaluate import score_rows
-from instar.train.loop import open_session, train
+from instar.train.loop import barrier, open_session, train
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -47,12 +47,12 @@ def build(cfg: Config, train_texts: list[str], session):
         from instar.errors import ConfigError
         raise ConfigError(f"preset: unknown {cfg.preset!r} (expected one of {', '.join(PRESETS)})")
     saved = session.out / "tokenizer"
-    if (saved / "tokenizer.json").exists():  # resume: the tokenizer the checkpoint was trained with
-        tok = AutoTokenizer.from_pretrained(saved)
-    else:
-        tok = train_tokenizer(train_texts, cfg.vocab_size or PRESETS[cfg.preset]["vocab"])
-        if session.is_main:
-            tok.save_pretrained(saved)
+    # Rank 0 trains and saves the tokenizer (or finds the one a resumed checkpoint was trained with);
+    # other torchrun ranks wait, then load that same file.
+    if session.is_main and not (saved / "tokenizer.json").exists():
+        train_tokenizer(train_texts, cfg.vocab_size or PRESETS[cfg.preset]["vocab"]).save_pretrained(saved)
+    barrier(session)
+    tok = AutoTokenizer.from_pretrained(saved)
     return new_model(cfg.preset, tok, cfg.max_len), tok
 
 

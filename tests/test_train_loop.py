@@ -1,0 +1,80 @@
+"""The shared loop: exact resume after an interrupt or a crash, and a 2-process DDP run on CPU (gloo) that
+matches a single process doing the same work by gradient accumulation."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from instar.datasets import runs
+from instar.datasets.store import Store
+from instar.train import loop, run_stage
+from train_fixtures import FAST, fill_store
+
+RUN = FAST + ["max_steps=20", "save_every=6", "eval_every=0", "warmup=4"]
+
+
+def losses(store, run_id):
+    """Last logged loss per step (a crash before a checkpoint re-logs the steps it replays)."""
+    return dict(runs.metric_series(store, run_id, "loss"))
+
+
+def fail_at(monkeypatch, call: int, exc: type[BaseException]):
+    real, calls = loop.optimizer_step, []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == call:
+            raise exc("simulated")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "optimizer_step", flaky)
+
+
+@pytest.mark.parametrize("exc", [KeyboardInterrupt, RuntimeError])
+def test_killed_and_resumed_run_follows_the_same_loss_curve(tmp_path, monkeypatch, exc):
+    store = Store.open(tmp_path / "instar.db")
+    fill_store(store, n_docs=150, n_convs=0)
+    whole = run_stage("pretrain", None, RUN + [f"out={tmp_path}/whole"], store)
+
+    # Ctrl-C in step 15 checkpoints at step 14; a crash there leaves the periodic checkpoint of step 12.
+    fail_at(monkeypatch, 15, exc)
+    with pytest.raises(exc):
+        run_stage("pretrain", None, RUN + [f"out={tmp_path}/split"], store)
+    monkeypatch.undo()
+    resumed = run_stage("pretrain", None, RUN + [f"out={tmp_path}/split"], store)
+
+    assert resumed["run_id"] != whole["run_id"]
+    assert resumed["start"] == whole["start"]                        # kept in the checkpoint
+    a, b = losses(store, whole["run_id"]), losses(store, resumed["run_id"])
+    assert sorted(a) == sorted(b) == list(range(1, 21))
+    for step in a:
+        assert b[step] == pytest.approx(a[step], abs=2e-3), step     # same data, RNG, schedule, optimizer
+    assert resumed["end"]["val_loss"] == pytest.approx(whole["end"]["val_loss"], abs=2e-3)
+
+
+def test_two_process_ddp_matches_gradient_accumulation(tmp_path):
+    # rank r of 2 reads micro-batch 2*step + r: exactly what one process reads with grad_accum=2.
+    common = FAST + ["max_steps=6", "eval_every=0", "save_every=0", "dtype=fp32", "batch_size=4",
+                     "sample_tokens=4"]
+    single_store = Store.open(tmp_path / "single.db")
+    fill_store(single_store, n_docs=150, n_convs=0)
+    single = run_stage("pretrain", None, common + [f"out={tmp_path}/single", "grad_accum=2"], single_store)
+
+    ddp_db = tmp_path / "ddp.db"
+    fill_store(Store.open(ddp_db), n_docs=150, n_convs=0)
+    args = [a for c in common + [f"out={tmp_path}/ddp"] for a in ("--set", c)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "instar.cli", "train", "pretrain", "--db", str(ddp_db), *args],
+                          capture_output=True, text=True, env=env, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    store = Store.open(ddp_db)
+    (ddp_run,) = runs.list_runs(store, stage="pretrain")              # only rank 0 wrote to the store
+    a = losses(single_store, single["run_id"])
+    b = losses(store, ddp_run["id"])
+    assert sorted(a) == sorted(b) == list(range(1, 7))
+    for step in a:
+        assert b[step] == pytest.approx(a[step], abs=1e-4), step
+    assert (tmp_path / "ddp" / "model" / "model.safetensors").exists()
