@@ -53,4 +53,23 @@ def load_stage_config(stage: str, config_path: Path | None = None, sets: list[st
 def run_stage(stage: str, config_path: Path | None = None, sets: list[str] | None = None, store=None) -> dict:
     """Load the stage's Config and run it against `store`; return its summary (see common.TrainConfig)."""
     cfg = load_stage_config(stage, config_path, sets)
-    return stage_module(stage).run(cfg, store)
+    try:
+        return stage_module(stage).run(cfg, store)
+    except BaseException as e:  # leave no run "running" forever: the report shows it stopped, and why
+        mark_stopped(store, Path(cfg.out), "interrupted" if isinstance(e, KeyboardInterrupt) else "failed")
+        raise
+
+
+def mark_stopped(store, out: Path, status: str) -> None:
+    """Set the status of the run recorded in <out>/run.json, if it is still marked running."""
+    import json
+
+    from instar.datasets import runs
+
+    marker = out / "run.json"
+    if store is None or not marker.exists():
+        return
+    run_id = json.loads(marker.read_text()).get("run_id")
+    run = runs.get_run(store, run_id) if run_id else None
+    if run and run["status"] == "running":
+        runs.finish_run(store, run_id, status=status)

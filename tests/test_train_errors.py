@@ -1,0 +1,80 @@
+"""User mistakes in `instar train` / `instar eval` give one clear line and a non-zero exit, never a traceback:
+bad config key or value, unknown stage, missing dataset, empty split, missing model, corrupt checkpoint."""
+
+import json
+import sys
+
+import pytest
+
+from instar.datasets import runs
+from instar.datasets.store import Provenance, Store, record_id, split_of
+from instar.errors import ConfigError, InstarError
+from instar.train import run_stage
+from train_fixtures import FAST, documents, fill_store
+
+
+def cli(monkeypatch, capsys, *args) -> tuple[int, str]:
+    from instar import cli as instar_cli
+
+    monkeypatch.setattr(sys, "argv", ["instar", *args])
+    with pytest.raises(SystemExit) as e:
+        instar_cli.main()
+    return e.value.code, capsys.readouterr().err
+
+
+def test_bad_config_key_and_value(store, tmp_path, monkeypatch, capsys):
+    with pytest.raises(ConfigError, match="unknown key 'bogus'"):
+        run_stage("pretrain", None, ["bogus=1"], store)
+    with pytest.raises(ConfigError, match="dtype"):
+        run_stage("sft", None, ["dtype=fp16"], store)
+    with pytest.raises(ConfigError, match="unknown stage 'finetune'"):
+        run_stage("finetune", None, [], store)
+    bad = tmp_path / "train.toml"
+    bad.write_text("[train.sft]\nmax_step = 10\n")
+    code, err = cli(monkeypatch, capsys, "train", "sft", "--config", str(bad), "--db", str(tmp_path / "x.db"))
+    assert code == 2 and "unknown key 'max_step'" in err and "Traceback" not in err
+
+
+def test_missing_dataset(store, tmp_path, monkeypatch, capsys):
+    with pytest.raises(InstarError, match="need at least 1 'messages' records in split 'train'"):
+        run_stage("sft", None, [f"out={tmp_path}/sft"], store)
+    code, err = cli(monkeypatch, capsys, "train", "pretrain", "--db", str(store.path), "--set", f"out={tmp_path}/p")
+    assert code == 1 and "need at least 1 'text' records" in err and "instar generate" in err
+
+
+def test_empty_split(store, tmp_path):
+    train_only = [{"text": t} for t in documents(60) if split_of(record_id("text", {"text": t})) == "train"]
+    store.add("text", train_only, Provenance())
+    with pytest.raises(InstarError, match="split 'val'"):
+        run_stage("pretrain", None, [f"out={tmp_path}/p"], store)
+
+
+def test_missing_model(store, tmp_path):
+    fill_store(store, n_docs=0, n_convs=200)
+    with pytest.raises(InstarError, match="model not found"):
+        run_stage("sft", None, [f"model={tmp_path}/nowhere", f"out={tmp_path}/sft"], store)
+    (failed,) = runs.list_runs(store, stage="sft")
+    assert failed["status"] == "failed"                     # not left "running" forever
+    with pytest.raises(InstarError, match="only for `instar train pretrain`"):
+        run_stage("sft", None, ["model=scratch", f"out={tmp_path}/sft"], store)
+
+
+def test_corrupt_checkpoint(store, tmp_path, monkeypatch, capsys):
+    fill_store(store, n_docs=150, n_convs=0)
+    out = tmp_path / "p"
+    run_stage("pretrain", None, FAST + [f"out={out}", "max_steps=2", "eval_every=0"], store)
+    for done in ("summary.json", "model/config.json"):     # as if killed before the end
+        (out / done).unlink()
+    (out / "checkpoint" / "model.safetensors").write_bytes(b"\x00" * 64)
+    code, err = cli(monkeypatch, capsys, "train", "pretrain", "--db", str(store.path), "--set", f"out={out}",
+                    *[a for s in FAST for a in ("--set", s)])
+    assert code == 1 and "corrupt or incompatible checkpoint" in err and "Traceback" not in err
+
+
+def test_eval_errors(tmp_path, monkeypatch, capsys):
+    code, err = cli(monkeypatch, capsys, "eval", str(tmp_path / "nowhere"), "--data", str(tmp_path / "none.jsonl"))
+    assert code == 1 and "data file not found" in err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"text": "ok"}) + "\n" + "{broken\n")
+    code, err = cli(monkeypatch, capsys, "eval", str(tmp_path / "nowhere"), "--data", str(bad))
+    assert code == 1 and "bad.jsonl:2" in err
