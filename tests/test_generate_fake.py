@@ -165,8 +165,8 @@ def test_preferences_identical_candidates_fail(store):
 
 @pytest.mark.parametrize("expression,answer,reason", [("(12 + 8) * 3", "60", None), ("12 + 8 * 3", "60",
                           "math: answer does not match expression"), ("__import__('os').system('id')", "0",
-                          "math: expression refused"), ("7 / 2", "3.5", None), ("5 * 4", "twenty",
-                          "math: answer not a number"), ("9**9**9", "1", "math: expression refused")])
+                          "schema mismatch: expression"), ("7 / 2", "3.5", None), ("5 * 4", "twenty",
+                          "schema mismatch: answer"), ("9**9**9", "1", "math: expression refused")])
 def test_llm_math_is_verified_by_the_safe_evaluator(store, expression, answer, reason):
     reply = json.dumps({"question": "Sam buys 12 apples and 8 pears, three times. How many fruits?",
                         "expression": expression, "answer": answer})

@@ -250,14 +250,14 @@ class NoModel:
         raise RuntimeError("this recipe does not use a model")
 
 
-Reply = str | Generation | Callable[[list[dict]], "str | Generation"]
+Scripted = str | Generation | Callable[[list[dict]], "str | Generation"]
 
 
 @dataclass
 class FakeBackend:
     """Scripted replies for tests: a list consumed in order (then cycled), or one function of the messages."""
 
-    replies: list[Reply] | Callable[[list[dict]], str | Generation]
+    replies: list[Scripted] | Callable[[list[dict]], str | Generation]
     name: str = "fake"
     model: str = "scripted"
     max_concurrency: int = 1

@@ -17,6 +17,7 @@ The run gets a row in `runs` (stage "generate") and its counts are logged as met
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from collections import Counter
@@ -91,7 +92,9 @@ def run_item(recipe, backend: Backend, cfg: GenerateConfig, seed: int) -> tuple[
     """One item on a worker thread: a Draft or a Rejected, plus the tokens it cost. Only InstarError escapes."""
     ask = Ask(backend, seed=seed, temperature=cfg.temperature, max_tokens=cfg.max_tokens)
     try:
-        return recipe(random.Random(seed), ask), ask.tokens
+        draft = recipe(random.Random(seed), ask)
+        draft.raw = ask.raw() if ask.raws else json.dumps(draft.record, ensure_ascii=False)
+        return draft, ask.tokens
     except Rejected as r:
         return r, ask.tokens
     except InstarError:
@@ -113,7 +116,7 @@ class Keeper:
         """Store one outcome; return "accepted", "duplicates" or the rejection reason."""
         if isinstance(outcome, Rejected):
             return self.fail(outcome.reason, outcome.raw, seed)
-        raw = str(outcome.record)
+        raw = outcome.raw
         try:
             record = validate_record(self.kind, outcome.record)
         except ValueError as e:

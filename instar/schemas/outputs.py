@@ -54,7 +54,7 @@ class WordProblem(Output):
         "A short math word problem that asks for one number."))
     # Patterns (which the grammar enforces) keep a small model from writing prose where a number belongs.
     # `[.]`, not `\\.`: llama.cpp's GBNF parser rejects the escape the converter would emit.
-    expression: str = Field(pattern=r"^[0-9][0-9+*/(). -]{0,59}$", description=(
+    expression: str = Field(pattern=r"^[-0-9(][0-9+*/(). -]{0,59}$", description=(
         "One arithmetic expression that computes the answer, using only numbers, + - * / and parentheses, "
         "for example (12 + 8) * 3."))
     answer: str = Field(pattern=r"^-?[0-9]{1,9}([.][0-9]{1,4})?$", description=(
