@@ -79,6 +79,14 @@ class GenerateResult:
     def attempts(self) -> int:
         return self.accepted + self.rejected + self.duplicates
 
+    def add(self, verdict: str, tokens: int) -> None:
+        self.tokens += tokens
+        if verdict in ("accepted", "duplicates"):
+            setattr(self, verdict, getattr(self, verdict) + 1)
+        else:
+            self.rejected += 1
+            self.reasons[verdict] += 1
+
     def values(self) -> dict[str, float]:
         return {"accepted": self.accepted, "rejected": self.rejected, "duplicates": self.duplicates,
                 "tok/s": self.tokens / self.seconds if self.seconds else 0.0}
@@ -157,13 +165,7 @@ def generate(store: Store, cfg: GenerateConfig, backend: Backend | None = None, 
     if need <= 0:
         result.status = "nothing to do"
         return result
-    if cfg.source == "procedural":
-        recipe, backend = math_procedural, backend or NoModel()
-    else:
-        recipe = RECIPES[cfg.kind]
-        backend = backend or make_backend(cfg.backend, model=cfg.model, hosts=cfg.hosts, concurrency=cfg.concurrency,
-                                          timeout=cfg.timeout, retries=cfg.retries, num_ctx=cfg.num_ctx,
-                                          constrained=cfg.constrained)
+    recipe, backend = source(cfg, backend)
     backend.check()  # no server, model not pulled, file missing: one line, before a run row exists
     max_attempts = cfg.max_attempts or 5 * need + 10
     result.run_id = run_id = start_run(store, kind="generate", stage="generate", name=f"generate {cfg.kind}",
@@ -179,24 +181,15 @@ def generate(store: Store, cfg: GenerateConfig, backend: Backend | None = None, 
     def handle(fut: Future) -> None:
         seed = in_flight.pop(fut)
         outcome, tokens = fut.result()  # InstarError (dead server) propagates from here
-        verdict = keeper.keep(outcome, seed)
-        result.tokens += tokens
+        result.add(keeper.keep(outcome, seed), tokens)
         result.seconds = time.perf_counter() - t0
-        if verdict == "accepted":
-            result.accepted += 1
-        elif verdict == "duplicates":
-            result.duplicates += 1
-        else:
-            result.rejected += 1
-            result.reasons[verdict] += 1
         log_metrics(store, run_id, result.attempts, result.values())
         progress.update(task, completed=result.accepted, info=report.generate_info(result.values()))
 
     with progress, ThreadPoolExecutor(max_workers=workers) as pool:
         try:
             while True:
-                while (not interrupted and len(in_flight) < workers and started < max_attempts
-                       and result.accepted + len(in_flight) < need):
+                while len(in_flight) < workers and started < max_attempts and result.accepted + len(in_flight) < need:
                     seed = item_seed(cfg.seed, kind, first + started)
                     in_flight[pool.submit(run_item, recipe, backend, cfg, seed)] = seed
                     started += 1
@@ -221,6 +214,15 @@ def generate(store: Store, cfg: GenerateConfig, backend: Backend | None = None, 
     if interrupted:
         raise KeyboardInterrupt
     return result
+
+
+def source(cfg: GenerateConfig, backend: Backend | None) -> tuple:
+    """The recipe for this config and the backend it runs on (built from the config unless given)."""
+    if cfg.source == "procedural":
+        return math_procedural, backend or NoModel()
+    return RECIPES[cfg.kind], backend or make_backend(
+        cfg.backend, model=cfg.model, hosts=cfg.hosts, concurrency=cfg.concurrency, timeout=cfg.timeout,
+        retries=cfg.retries, num_ctx=cfg.num_ctx, constrained=cfg.constrained)
 
 
 def summary(result: GenerateResult) -> dict:
