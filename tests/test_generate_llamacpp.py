@@ -81,3 +81,16 @@ def test_missing_files_and_wheel_give_one_line_errors(tmp_path, monkeypatch):
         backends.make_backend("embedded")
     with pytest.raises(InstarError, match="--model"):
         backends.make_backend("llamacpp")
+
+
+def test_llama_cpp_is_imported_lazily_and_with_passive_omp():
+    import os
+    import subprocess
+    import sys
+
+    code = ("import os, sys; from instar.generate import backends, pipeline; "
+            "assert 'llama_cpp' not in sys.modules and 'ollama' not in sys.modules; "
+            "backends.import_llama_cpp(); print(os.environ['OMP_WAIT_POLICY'])")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "PASSIVE"

@@ -64,9 +64,20 @@ _CHAR_RULE = r'char ::= [^"\\]'
 _SAFE_CHAR_RULE = r'char ::= [^"\\\x00-\x1F]'
 
 
+def import_llama_cpp():
+    """Import llama_cpp with OMP_WAIT_POLICY=PASSIVE set first: without it the first grammar-constrained call
+    stalled 10-200 s in 11 of 12 fresh processes (FIELD-NOTES). Every import of llama_cpp goes through here."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    import llama_cpp
+    import llama_cpp.llama_grammar
+
+    return llama_cpp
+
+
 def schema_grammar(schema: dict) -> str:
     """GBNF for a JSON schema, with control characters excluded from strings and compact length bounds."""
-    from llama_cpp.llama_grammar import _build_repetition, json_schema_to_gbnf
+    grammar = import_llama_cpp().llama_grammar
+    _build_repetition, json_schema_to_gbnf = grammar._build_repetition, grammar.json_schema_to_gbnf
 
     gbnf = json_schema_to_gbnf(json.dumps(schema))
     if "char ::=" in gbnf:
@@ -109,22 +120,17 @@ class LlamaCppBackend:
 
     def _load(self):
         if self._llm is None:
-            # Must be set before llama_cpp (and its OpenMP runtime) is first imported: without it the first
-            # grammar-constrained call stalled 10-200 s in 11 of 12 fresh processes (FIELD-NOTES).
-            os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-            from llama_cpp import Llama
-
+            llama_cpp = import_llama_cpp()
             try:
                 # Chat template: llama-cpp-python reads tokenizer.chat_template from the GGUF metadata.
-                self._llm = Llama(str(self.path), n_ctx=self.n_ctx, n_threads=os.cpu_count() or 1,
+                self._llm = llama_cpp.Llama(str(self.path), n_ctx=self.n_ctx, n_threads=os.cpu_count() or 1,
                                   n_threads_batch=os.cpu_count() or 1, verbose=False)
             except (ValueError, RuntimeError) as e:
                 raise InstarError(f"cannot load GGUF model {self.path}: {e}") from None
         return self._llm
 
     def _grammar(self, schema: dict):
-        from llama_cpp import LlamaGrammar
-
+        LlamaGrammar = import_llama_cpp().LlamaGrammar
         key = json.dumps(schema, sort_keys=True)
         if key not in self._grammars:
             self._grammars[key] = LlamaGrammar.from_string(schema_grammar(schema), verbose=False)
