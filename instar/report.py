@@ -207,3 +207,13 @@ def grpo_samples_table(rows: list[dict], title: str) -> "Table":
     for r in rows:
         table.add_row(r["prompt"], r["completion"], f"{r['reward']:.2f}", f"{r['advantage']:+.2f}")
     return table
+
+
+# -- ppo: sampled responses -------------------------------------------------------------------------------
+def ppo_samples_table(rows: list[dict], title: str) -> "Table":
+    """prompt | response | reward, one row per rollout (PPO's sample log)."""
+    table = _table(title, "prompt", "response", "reward")
+    table.columns[1].justify = "left"
+    for r in rows:
+        table.add_row(r["prompt"], r["completion"], f"{r['reward']:.3f}")
+    return table

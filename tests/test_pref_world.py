@@ -55,15 +55,19 @@ def corpus(records: list[dict]) -> list[str]:
     return texts
 
 
-@pytest.fixture
-def world(tmp_path, store):
-    """(store with ~600 planted pairs, base run directory)."""
-    from instar.datasets.store import Provenance
+def make_world(path, n: int = 600):
+    """(store at path/instar.db with n planted pairs, base run directory path/sft)."""
+    from instar.datasets.store import Provenance, Store
 
-    records = planted_pairs(600)
+    store = Store.open(path / "instar.db")
+    records = planted_pairs(n)
     store.add("preference", records, Provenance(source="import"))
-    base = tiny_base(tmp_path / "sft", corpus(records))
-    return store, base
+    return store, tiny_base(path / "sft", corpus(records))
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return make_world(tmp_path_factory.mktemp("world"))
 
 
 # -------------------------------------------------------------------------------------------------------------
