@@ -159,7 +159,7 @@ def test_ppo_logprobs_use_the_sampling_temperature(world):
     store, base = world
     lm, tok = load_model(base)
     policy = ppo.PolicyWithValue(lm)
-    prompts = ppo.prompts_from_store(store, tok, "val", 64)[:4]
+    prompts = ppo.prompts_from_store(store, tok, "val", 64)[0][:4]
     ref = lambda batch: lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # noqa: E731
     cfg = ppo.Config(model=str(base), max_new_tokens=6, temperature=0.5)
     r = ppo.rollout(policy, ref, planted_scorer(tok), tok, prompts, cfg, seed=1, device=torch.device("cpu"), bf16=False)

@@ -71,15 +71,17 @@ Scorer = Callable[[dict], torch.Tensor]  # batch {"input_ids", "attention_mask",
 
 
 # --- data ------------------------------------------------------------------------------------------------
-def prompts_from_store(store, tok, split: str, max_len: int) -> list[list[int]]:
-    """Distinct rendered prompts (ending with the assistant header) of the stored preference pairs."""
-    seen, out = set(), []
+def prompts_from_store(store, tok, split: str, max_len: int) -> tuple[list[list[int]], list[str]]:
+    """Distinct rendered prompts (ending with the assistant header) of the stored preference pairs, and
+    their last user turns (for the sample table)."""
+    seen, ids_out, texts = set(), [], []
     for r in store.require("preference", split, 1):
         ids = tuple(render_chat(tok, r["prompt"], add_generation_prompt=True)[0][-max_len:])
         if ids not in seen:
             seen.add(ids)
-            out.append(list(ids))
-    return out
+            ids_out.append(list(ids))
+            texts.append(r["prompt"][-1]["content"])
+    return ids_out, texts
 
 
 class PolicyWithValue(torch.nn.Module):
@@ -163,8 +165,8 @@ def run(cfg: Config, store, scorer: Scorer | None = None) -> dict:
     s = open_session("ppo", cfg, store)
     lm, tok = load_model(cfg.model)
     prompt_len = max(1, cfg.max_len - cfg.max_new_tokens)
-    train_prompts = prompts_from_store(store, tok, "train", prompt_len)
-    val_prompts = prompts_from_store(store, tok, "val", prompt_len)[:cfg.eval_batches * cfg.batch_size]
+    train_prompts, questions = prompts_from_store(store, tok, "train", prompt_len)
+    val_prompts = prompts_from_store(store, tok, "val", prompt_len)[0][:cfg.eval_batches * cfg.batch_size]
     reward_source = cfg.reward_model if scorer is None else "custom scorer"
     if scorer is None:
         scorer = reward_scorer(cfg.reward_model, tok, s.device)
@@ -211,12 +213,12 @@ def run(cfg: Config, store, scorer: Scorer | None = None) -> dict:
         set_rng_state(state["rng"])
         step = int(state["step"])
     start = state["start"] if state else s.measure(policy.lm, tok, evaluate, "start")
-    train_loop(s, policy, reference, scorer, tok, train_prompts, opt, sched, step, start)
+    train_loop(s, policy, reference, scorer, tok, train_prompts, questions, opt, sched, step, start)
     end = s.measure(policy.lm, tok, evaluate, "end", step=cfg.max_steps)
     return s.finish(policy.lm, tok, start=start, end=end)
 
 
-def train_loop(s, policy, reference, scorer, tok, prompts, opt, sched, step: int, start: dict) -> None:
+def train_loop(s, policy, reference, scorer, tok, prompts, questions, opt, sched, step: int, start: dict) -> None:
     """Rollout -> PPO update, max_steps times; metrics + step line + sample table every log_every steps."""
     from instar.report import make_progress, ppo_samples_table, step_line
 
@@ -229,7 +231,8 @@ def train_loop(s, policy, reference, scorer, tok, prompts, opt, sched, step: int
         try:
             while step < cfg.max_steps:
                 t0 = time.perf_counter()
-                batch_prompts = [prompts[j] for j in sampler.batch(step)]
+                idx = sampler.batch(step)
+                batch_prompts = [prompts[j] for j in idx]
                 r = rollout(policy, reference, scorer, tok, batch_prompts, cfg, cfg.seed * 1_000_003 + step,
                             s.device, s.bf16)
                 reward, kl = float(r["scores"].mean()), float(r["kl"].mean())
@@ -247,8 +250,8 @@ def train_loop(s, policy, reference, scorer, tok, prompts, opt, sched, step: int
                               **stats, "lr": sched.get_last_lr()[0], "s/step": time.perf_counter() - t0}
                     s.log_metrics(step, values)
                     s.say(step_line(step, cfg.max_steps, values))
-                    rows = [{"prompt": tok.decode(p, skip_special_tokens=True).strip(), "completion": t,
-                             "reward": float(sc)} for p, t, sc in zip(batch_prompts, r["texts"], r["scores"])][:4]
+                    rows = [{"prompt": questions[j], "completion": t, "reward": float(sc)}
+                            for j, t, sc in zip(idx, r["texts"], r["scores"])][:4]
                     s.log_samples(step, [{**row, "tag": "rollout"} for row in rows])
                     progress.console.print(ppo_samples_table(rows, f"ppo rollouts · step {step}"))
                 if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps:
