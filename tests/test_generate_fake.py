@@ -184,6 +184,8 @@ def test_procedural_math_needs_no_backend_and_tops_up(store):
     assert {r["verified_by"] for r in store.records("math")} == {"procedural"}
     assert {r["source"] for r in rows(store)} == {"procedural"}
     assert generate(store, GenerateConfig(kind="math", count=6, source="procedural")).status == "nothing to do"
+    more = generate(store, GenerateConfig(kind="math", count=40, source="procedural"))
+    assert more.accepted == 34 and not any(r.startswith("filter") for r in more.reasons)  # short is fine here
 
 
 def test_ctrl_c_stops_between_items_and_loses_nothing(store):

@@ -142,7 +142,7 @@ class LlamaCppBackend:
             grammar = self._grammar(schema) if (schema is not None and self.constrained) else None
             t0 = time.perf_counter()
             # Forget the KV cache: reusing a cached prompt prefix changes the logits slightly (batched vs
-            # single-token evaluation), so the same seed gave different text. Prompts are short; re-reading costs little.
+            # single-token evaluation), so the same seed gave different text. Prompts are short: cheap to re-read.
             llm.reset()
             # A prompt longer than n_ctx crashes inside llama-cpp-python (a numpy broadcast error): count it
             # first (contents plus ~8 template tokens a message) and report it as a context failure.
