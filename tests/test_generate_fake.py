@@ -257,3 +257,44 @@ def test_cli_generate_procedural(tmp_path):
     from instar.datasets.store import Store
 
     assert Store.open(db).count("math") == 4
+
+
+KILLABLE = """
+import json, random, sys, time
+from instar.datasets.store import Store
+from instar.generate.backends import FakeBackend
+from instar.generate.pipeline import GenerateConfig, generate
+VOCAB = "the a and of cat dog sun moon tree river boat kite bread apple song hill star door rain snow".split()
+def reply(messages):
+    time.sleep(0.05)
+    return json.dumps({"text": " ".join(random.choice(VOCAB) for _ in range(40))})
+generate(Store.open(sys.argv[1]), GenerateConfig(kind="corpus", count=1000), backend=FakeBackend(reply))
+"""
+
+
+def test_sigkill_loses_at_most_the_items_in_flight(db_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from instar.datasets.store import Store
+
+    proc = subprocess.Popen([sys.executable, "-c", KILLABLE, str(db_path)], stdout=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        time.sleep(0.5)
+        if db_path.exists() and Store.open(db_path).count("text") >= 5:
+            break
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    store = Store.open(db_path)
+    kept = store.count("text")
+    assert kept >= 5
+    run = list_runs(store, kind="generate")[0]
+    assert run["status"] == "running"  # killed: the row says so until a later run finishes
+    # every stored record is whole and valid; the metrics row count never exceeds the stored outcomes
+    assert len(store.records("text")) == kept
+    assert len(metric_series(store, run["id"], "accepted")) <= kept + len(failures(store))
+    result = generate(store, GenerateConfig(kind="corpus", count=kept + 2), backend=FakeBackend([doc(1), doc(2)]))
+    assert result.accepted == 2
