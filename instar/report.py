@@ -204,6 +204,7 @@ def render_eval(result: dict, as_json: bool = False, con: Console | None = None)
 def grpo_samples_table(rows: list[dict], title: str) -> "Table":
     """prompt | completion | reward | advantage, one row per sampled completion (GRPO's sample log)."""
     table = _table(title, "prompt", "completion", "reward", "advantage")
+    table.columns[1].justify = "left"
     for r in rows:
         table.add_row(r["prompt"], r["completion"], f"{r['reward']:.2f}", f"{r['advantage']:+.2f}")
     return table

@@ -1,0 +1,83 @@
+"""Verifiable rewards for math: the answer format, its parser, and reward functions `(completions, **row) -> list[float]`.
+
+    extract_answer("3 + 4 = 7\\nAnswer: 7")                       -> "7"
+    correctness_reward(["...\\nAnswer: 7", "Answer: 8"], answer="7") -> [1.0, 0.0]
+    score(completions, row)                                      -> (rewards, correct flags)
+
+The answer format (documented once, here): the completion's LAST non-empty line is `Answer: <number>`, where
+<number> is one number as `safe_eval.parse_number` reads it (`42`, `-3.5`, `1,234`, `7/2`, `$12`, `12%`; a
+trailing period is fine). The `Answer:` prefix is matched case-insensitively. Anything else is "no answer":
+no answer line, two or more answer lines (a hedge such as "Answer: 3 / Answer: 4" must not win), text after
+the answer line, words next to the number ("Answer: 42 apples"), an unparseable or over-long number. Strict on
+purpose: a loose parser is what a policy learns to exploit, and the format reward teaches the exact form.
+
+Rewards: correctness 1.0 when the extracted number equals the stored answer (`answers_match`: exact
+fractions, relative tolerance 1e-6; model text is never evaluated), plus a small format reward
+(FORMAT_BONUS = 0.1) for any well-formed answer line — enough to pull a tiny model into the format when all
+its answers are wrong, small enough never to outweigh being right. Evaluation (`instar eval`, GRPO's held-out
+pass@1) calls the same functions; pass@1 counts correctness only.
+"""
+
+from __future__ import annotations
+
+import re
+
+from instar.generate.safe_eval import answers_match, parse_number
+
+ANSWER_PREFIX = "Answer:"
+FORMAT_BONUS = 0.1
+INSTRUCTION = "End with a last line 'Answer: <number>'."  # appended to questions (GRPO `instruction` key)
+_ANSWER_LINE = re.compile(r"^\s*answer\s*:(.*)$", re.IGNORECASE)
+
+
+def extract_answer(completion: str) -> str | None:
+    """The number text on the completion's single, final `Answer:` line, or None (see the module docstring)."""
+    lines = [line for line in completion.splitlines() if line.strip()]
+    hits = [i for i, line in enumerate(lines) if _ANSWER_LINE.match(line)]
+    if len(hits) != 1 or hits[0] != len(lines) - 1:
+        return None
+    value = _ANSWER_LINE.match(lines[-1]).group(1).strip()
+    return value.removesuffix(".") if parse_number(value) is not None else None
+
+
+def format_answer(answer: str) -> str:
+    """The line a correct completion ends with."""
+    return f"{ANSWER_PREFIX} {answer}"
+
+
+# --- reward functions: (completions, **row) -> list[float], one value per completion ----------------------
+def correctness_reward(completions: list[str], answer: str, **row) -> list[float]:
+    out = []
+    for c in completions:
+        given = extract_answer(c)
+        out.append(1.0 if given is not None and answers_match(given, answer) else 0.0)
+    return out
+
+
+def format_reward(completions: list[str], **row) -> list[float]:
+    return [FORMAT_BONUS if extract_answer(c) is not None else 0.0 for c in completions]
+
+
+REWARD_FUNCS = [correctness_reward, format_reward]
+
+
+def score(completions: list[str], row: dict) -> tuple[list[float], list[bool]]:
+    """(total reward per completion, correct per completion) for one math record `row`."""
+    parts = [fn(completions, **row) for fn in REWARD_FUNCS]
+    totals = [sum(values) for values in zip(*parts)]
+    correct = [c == 1.0 for c in parts[0]]
+    return totals, correct
+
+
+# --- prompts and SFT targets in the same format -------------------------------------------------------------
+def math_prompt(question: str, instruction: str = INSTRUCTION) -> list[dict]:
+    """The chat turn a math question is asked with (GRPO rollouts, evaluation)."""
+    content = f"{question} {instruction}".strip() if instruction else question
+    return [{"role": "user", "content": content}]
+
+
+def math_messages(record: dict, instruction: str = INSTRUCTION) -> dict:
+    """A `messages` record teaching the format: worked solution (when known), then the answer line."""
+    body = record.get("solution") or ""
+    reply = f"{body}\n{format_answer(record['answer'])}".strip()
+    return {"messages": math_prompt(record["question"], instruction) + [{"role": "assistant", "content": reply}]}
