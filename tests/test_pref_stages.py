@@ -187,9 +187,10 @@ def test_ppo_with_trained_reward_model_and_lora(world, tmp_path):
 
 def test_ppo_stops_on_kl_blowup(world, tmp_path):
     from instar.train import ppo
+    from instar.train.common import load_model
 
     store, base = world
-    _, tok = ppo.load_model(base)
+    _, tok = load_model(base)
     cfg = load_stage_config("ppo", None, [f"model={base}", f"out={tmp_path}/ppo", "max_steps=3", "lr=5e-2",
                                           "warmup=0", "batch_size=8", "max_new_tokens=6", "eval_batches=1",
                                           "kl_max=1e-3"])

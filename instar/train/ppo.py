@@ -32,8 +32,8 @@ from pydantic import Field, model_validator
 
 from instar.errors import ConfigError, InstarError
 from instar.train.common import (Sampler, TrainConfig, collate, finished_summary, generate, load_model, render_chat,
-                                 token_logprobs, unwrap, wrap_lora)
-from instar.train.losses import entropy, gae, kl_penalty, masked_mean, ppo_policy_loss, ppo_value_loss, whiten
+                                 token_logprobs, wrap_lora)
+from instar.train.losses import entropy, gae, kl_penalty, ppo_policy_loss, ppo_value_loss, whiten
 from instar.train.loop import autocast, make_optimizer, make_scheduler, open_session, optimizer_step, set_rng_state
 
 
