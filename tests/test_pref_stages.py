@@ -201,3 +201,18 @@ def test_ppo_stops_on_kl_blowup(world, tmp_path):
 def test_ppo_config_checks_minibatches():
     with pytest.raises(ConfigError, match="mini_batch_size"):
         load_stage_config("ppo", None, ["batch_size=6", "mini_batch_size=4"])
+
+
+def test_ppo_stops_on_nan_reward(world, tmp_path):
+    from instar.train import ppo
+
+    store, base = world
+    cfg = load_stage_config("ppo", None, [f"model={base}", f"out={tmp_path}/ppo", "max_steps=2", "batch_size=4",
+                                          "mini_batch_size=4", "max_new_tokens=4", "eval_batches=1"])
+    calls = []
+
+    def scorer(batch):  # finite for the start eval, NaN from the first rollout on
+        calls.append(1)
+        return torch.full((batch["input_ids"].shape[0],), 0.0 if len(calls) == 1 else float("nan"))
+    with pytest.raises(InstarError, match="not finite"):
+        ppo.run(cfg, store, scorer=scorer)
