@@ -32,6 +32,7 @@ from instar.errors import ConfigError, InstarError
 
 # generate kind -> stored record kind, and the stages that read it
 DATA_KINDS = {"corpus": "text", "instructions": "messages", "preferences": "preference", "math": "math"}
+VAL_ROUND = 10  # items generated per extra round while a kind's val split is empty (at most 4 rounds)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -150,9 +151,14 @@ def top_up(store, cfg: PipelineConfig, console) -> dict[str, int]:
                              temperature=t.temperature, max_tokens=t.max_tokens, concurrency=t.concurrency,
                              seed=cfg.seed, max_attempts=t.max_attempts,
                              source=d.math_source if kind == "math" else "llm")
-        result = generate(store, gen, console=console)
-        console.print(f"{kind}: {result.accepted} accepted, {result.rejected} rejected, "
-                      f"{result.duplicates} duplicates in {result.seconds:.0f} s ({result.status})")
+        for extra in range(0, 4 * VAL_ROUND + 1, VAL_ROUND):
+            # A few more items when the val split is still empty (5% of ids land there: small targets miss it).
+            if extra and store.count(DATA_KINDS[kind], "val") > 0:
+                break
+            gen.count = max(target, store.count(DATA_KINDS[kind]) + extra)
+            result = generate(store, gen, console=console)
+            console.print(f"{kind}: {result.accepted} accepted, {result.rejected} rejected, "
+                          f"{result.duplicates} duplicates in {result.seconds:.0f} s ({result.status})")
     if d.math_sft:
         added = math_conversations(store, d.math_sft, cfg.seed)
         console.print(f"math conversations for SFT: {added} added")
@@ -176,7 +182,7 @@ def swap_pairs(store, target: int, seed: int) -> int:
     teacher gives reliably (the embedded 135M judge tied in 11 of 13 tries here)."""
     import random
 
-    from instar.datasets.store import Provenance
+    from instar.datasets.store import Provenance, record_id, split_of
     from instar.train.rewards import INSTRUCTION
 
     convs = [r["messages"] for r in store.records("messages") if not r["messages"][-2]["content"].endswith(INSTRUCTION)]
@@ -184,12 +190,19 @@ def swap_pairs(store, target: int, seed: int) -> int:
     if need <= 0 or len(convs) < 2:
         return 0
     rng = random.Random(seed)
-    pairs = []
-    for i, conv in enumerate(convs * (need // len(convs) + 1)):
-        other = convs[(i + rng.randrange(1, len(convs))) % len(convs)]
-        if other[-1]["content"] != conv[-1]["content"]:
-            pairs.append({"prompt": conv[:-1], "chosen": conv[-1]["content"], "rejected": other[-1]["content"]})
-    return store.add("preference", pairs[:need], Provenance(source="procedural", template="swap-v1", seed=seed)).inserted
+    candidates = []
+    for conv in convs:  # every conversation with up to 8 random partners: plenty of distinct pairs
+        for j in rng.sample(range(len(convs)), min(8, len(convs))):
+            if convs[j][-1]["content"] != conv[-1]["content"]:
+                candidates.append({"prompt": conv[:-1], "chosen": conv[-1]["content"],
+                                   "rejected": convs[j][-1]["content"]})
+    rng.shuffle(candidates)
+    pairs = candidates[:need]
+    # Small targets can miss the 5% val split; swap one val pair in so reward/DPO have a held-out set.
+    in_val = [c for c in candidates if split_of(record_id("preference", c)) == "val"]
+    if in_val and store.count("preference", "val") == 0 and not any(c in in_val for c in pairs):
+        pairs[-1] = in_val[0]
+    return store.add("preference", pairs, Provenance(source="procedural", template="swap-v1", seed=seed)).inserted
 
 
 def check_splits(store, stages: list[str]) -> None:
