@@ -81,8 +81,7 @@ def decode(n: int) -> None:
                          json.dumps(reasons)))
     print("| kind | decoding | valid | valid/s | tok/s | rejections |\n|---|---|---|---|---|---|")
     for name, mode, valid, total, vps, tps, reasons in rows:
-        print(f"| {name} | {mode} | {valid}/{total} | {vps:.3f} | {tps:.1f} | {reasons} |",
-                      markup=False, highlight=False)
+        print(f"| {name} | {mode} | {valid}/{total} | {vps:.3f} | {tps:.1f} | {reasons} |")
 
 
 def kinds(n: int, kinds_: list[str]) -> None:
