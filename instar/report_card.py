@@ -86,7 +86,11 @@ class Card:
 
 
 def resolve_run(store: Store, run: str | None = None) -> dict:
-    """A run row by id, or the latest pipeline run (else the latest train run) when `run` is None."""
+    """A run row by id or run directory, or the latest pipeline run (else the latest train run) when None."""
+    for marker in ("pipeline.json", "run.json"):  # a pipeline or stage directory names its run
+        if run and (Path(run) / marker).is_file():
+            run = json.loads((Path(run) / marker).read_text(encoding="utf-8")).get("run_id") or run
+            break
     if run:
         row = runs.get_run(store, run)
         if row is None:
@@ -116,7 +120,8 @@ def resolve_model(store: Store, run: str | None = None) -> str:
 
     A pipeline run means its last stage with a finished model (the reward model is a scorer, not a chat
     model, so it is skipped)."""
-    if run and (run == "embedded-smollm2" or Path(run).exists()):
+    if run and (run == "embedded-smollm2" or (Path(run) / "config.json").is_file()
+                or (Path(run) / "model" / "config.json").is_file()):
         return run
     row = resolve_run(store, run)
     rows = [r for r in stage_runs(store, row) if r["stage"] != "reward"] if row["kind"] == "pipeline" else [row]

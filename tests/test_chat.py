@@ -1,6 +1,7 @@
 """`instar chat`: a tiny random model answers piped lines; `/exit`, `/reset` and EOF behave; RUN resolves."""
 
 import io
+import json
 import subprocess
 import sys
 
@@ -66,6 +67,8 @@ def test_latest_run_resolves_to_its_model(store, run_dir):
     assert resolve_model(store) == str(run_dir)
     assert resolve_model(store, rid) == str(run_dir)
     assert resolve_model(store, str(run_dir)) == str(run_dir)
+    (run_dir.parent / "pipeline.json").write_text(json.dumps({"run_id": pid}))  # a pipeline directory
+    assert resolve_model(store, str(run_dir.parent)) == str(run_dir)
     pending = runs.start_run(store, kind="train", stage="ppo", out_dir=str(run_dir.parent / "ppo"))
     with pytest.raises(InstarError, match="no finished model"):
         resolve_model(store, pending)

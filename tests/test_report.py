@@ -94,6 +94,17 @@ def test_single_stage_run_and_interrupted_stage(store, tmp_path):
     assert path.exists() and "data:image/png" not in path.read_text()
 
 
+def test_run_directory_names_its_run(store, tmp_path):
+    import json
+
+    from instar.report_card import resolve_run
+
+    pid = fill(store)
+    (tmp_path / "pipe").mkdir()
+    (tmp_path / "pipe" / "pipeline.json").write_text(json.dumps({"run_id": pid}))
+    assert resolve_run(store, str(tmp_path / "pipe"))["id"] == pid
+
+
 def test_unknown_and_missing_runs_are_clear_errors(store, tmp_path):
     with pytest.raises(InstarError, match="no runs"):
         render(store, None, tmp_path)
