@@ -173,9 +173,15 @@ def load_model(source: str | Path, device: torch.device | str | None = None):
     if str(source) == "scratch":
         raise InstarError("model = 'scratch' is only for `instar train pretrain` (it builds a new model)")
     if str(source) == EMBEDDED:
+        from unittest import mock
+
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
         gguf = embedded_gguf()
-        # Dequantised to fp32 by transformers (~17 s for 134.5M params).
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # Dequantised to fp32 by transformers (~17 s for 134.5M params). Its plain-tqdm bar ignores the HF
+        # switch above, so it is silenced for this one call.
+        with mock.patch.object(gguf_utils, "tqdm", lambda items, **kw: items):
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         # save_pretrained refuses a model "quantized with gguf" until both markers are cleared.
         model.hf_quantizer = None
