@@ -154,6 +154,12 @@ def generate_info(values: dict[str, float]) -> str:
     return " | ".join(f"{k} {v:,.0f}" for k, v in values.items())
 
 
+def generate_event(reason: str, outcome) -> str:
+    """The first rejection of a kind, with the start of what the model said."""
+    raw = " ".join((getattr(outcome, "raw", None) or "").split())
+    return f"rejected ({reason}): {raw[:100]}{'...' if len(raw) > 100 else ''}"
+
+
 def render_generate(result, con: Console | None = None) -> None:
     """One summary line for a generate run, then its rejection reasons, most frequent first."""
     con = con or console

@@ -183,7 +183,10 @@ def generate(store: Store, cfg: GenerateConfig, backend: Backend | None = None, 
     def handle(fut: Future) -> None:
         seed = in_flight.pop(fut)
         outcome, tokens = fut.result()  # InstarError (dead server) propagates from here
-        result.add(keeper.keep(outcome, seed), tokens)
+        verdict = keeper.keep(outcome, seed)
+        result.add(verdict, tokens)
+        if result.reasons.get(verdict) == 1:  # each new kind of rejection is reported once, above the bar
+            progress.console.log(report.generate_event(verdict, outcome), markup=False, highlight=False)
         result.seconds = time.perf_counter() - t0
         log_metrics(store, run_id, result.attempts, result.values())
         progress.update(task, completed=result.accepted, info=report.generate_info(result.values()))
