@@ -375,12 +375,13 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: floa
     This is the ONLY place the one-token shift happens. Temperature divides the logits, so log-probs used
     in PPO/GRPO ratios match the distribution that was sampled."""
     B, T, V = logits.shape
-    pred = logits[:, :-1].float() / temperature                          # [B, T-1, V]
     target = labels[:, 1:]                                               # [B, T-1]
-    # cross_entropy = fused log_softmax + gather; ignore_index gives 0 for masked tokens.
-    nll = F.cross_entropy(pred.reshape(-1, V), target.reshape(-1), ignore_index=-100, reduction="none")
+    valid = target != -100                                               # [B, T-1]
+    # Only scored positions go through the fp32 softmax (SFT scores ~1/3 of them); cross_entropy is a fused
+    # log_softmax + gather.
+    pred = logits[:, :-1][valid].float() / temperature                   # [N, V]
     out = torch.zeros(B, T, dtype=torch.float32, device=logits.device)
-    out[:, 1:] = -nll.view(B, T - 1)
+    out[:, 1:][valid] = -F.cross_entropy(pred, target[valid], reduction="none")
     return out
 
 
