@@ -52,8 +52,8 @@ class TeacherConfig(StrictConfig):
 
 
 class DataConfig(StrictConfig):
-    corpus: int = Field(120, ge=0, description="Target `text` records (pretraining documents) from the teacher.")
-    instructions: int = Field(80, ge=0, description="Target `messages` records (SFT conversations) from the teacher.")
+    corpus: int = Field(80, ge=0, description="Target `text` records (pretraining documents) from the teacher.")
+    instructions: int = Field(40, ge=0, description="Target teacher-written `messages` records (SFT conversations).")
     preferences: int = Field(40, ge=0, description="Target `preference` pairs (reward model, PPO, DPO).")
     preference_source: Literal["judge", "swap"] = Field("swap", description="judge = the teacher writes two answers "
                                                         "and judges both orders; swap = procedural pairs from the "
@@ -134,13 +134,15 @@ def stage_configs(cfg: PipelineConfig) -> dict:
 # Run
 
 
-def top_up(store, cfg: PipelineConfig, console) -> dict[str, int]:
+def top_up(store, cfg: PipelineConfig, grpo_cfg, console) -> dict[str, int]:
     """Bring every dataset to its target (records already stored count); return the counts now held."""
     from instar.generate.pipeline import GenerateConfig, generate
 
     t, d = cfg.teacher, cfg.data
+    # First: these conversations also fill the messages val split; they do not count toward `instructions`.
+    n_math = math_conversations(store, d.math_sft, cfg.seed, grpo_cfg, console) if d.math_sft else 0
     for kind in ("corpus", "instructions", "preferences", "math"):
-        target = getattr(d, kind)
+        target = getattr(d, kind) + (n_math if kind == "instructions" and getattr(d, kind) else 0)
         if target == 0 or store.count(DATA_KINDS[kind]) >= target:
             continue
         if kind == "preferences" and d.preference_source == "swap":
@@ -159,21 +161,26 @@ def top_up(store, cfg: PipelineConfig, console) -> dict[str, int]:
             result = generate(store, gen, console=console)
             console.print(f"{kind}: {result.accepted} accepted, {result.rejected} rejected, "
                           f"{result.duplicates} duplicates in {result.seconds:.0f} s ({result.status})")
-    if d.math_sft:
-        added = math_conversations(store, d.math_sft, cfg.seed)
-        console.print(f"math conversations for SFT: {added} added")
     return {kind: store.count(kind) for kind in DATA_KINDS.values()}
 
 
-def math_conversations(store, count: int, seed: int) -> int:
-    """`count` procedural problems stored as SFT conversations in GRPO's answer format (idempotent)."""
+def math_conversations(store, count: int, seed: int, grpo_cfg, console) -> int:
+    """`count` procedural problems stored as SFT conversations in GRPO's format (idempotent); returns how many
+    distinct ones the store holds. Same families, starting difficulty and instruction as the GRPO stage, and
+    never one of GRPO's held-out problems (so stage 4's before/after accuracy stays a held-out number)."""
     from instar.datasets.store import Provenance
     from instar.generate.procedural import make_problems
+    from instar.train.grpo import Config as GrpoConfig, Problems
     from instar.train.rewards import math_messages
 
-    # Difficulty 1-2 only: a ~1M-param model learns the format and easy sums; GRPO's curriculum goes on from there.
-    records = [math_messages(p) for level in (1, 2) for p in make_problems(count // 2, seed + level, difficulty=level)]
-    return store.add("messages", records, Provenance(source="procedural", template="math-sft-v1", seed=seed)).inserted
+    grpo_cfg = grpo_cfg or GrpoConfig()
+    held = {r["question"] for r in Problems(grpo_cfg, store).heldout} if grpo_cfg.source == "procedural" else set()
+    problems = make_problems(count, seed + 1, grpo_cfg.families, grpo_cfg.difficulty)
+    records = [math_messages(p, grpo_cfg.instruction) for p in problems if p["question"] not in held]
+    added = store.add("messages", records, Provenance(source="procedural", template="math-sft-v1", seed=seed))
+    console.print(f"math conversations for SFT: {added.inserted} added, {added.duplicates} already stored "
+                  f"({len(held)} held-out problems excluded)")
+    return len(added.ids)  # distinct conversations of this set now stored
 
 
 def swap_pairs(store, target: int, seed: int) -> int:
@@ -255,7 +262,7 @@ def run_pipeline(cfg: PipelineConfig, store, console) -> dict:
     t0 = time.perf_counter()
     try:
         console.rule("[bold]data")
-        summary["data"] = top_up(store, cfg, console)
+        summary["data"] = top_up(store, cfg, configs.get("grpo"), console)
         check_splits(store, list(configs))
         summary["seconds"]["data"] = round(time.perf_counter() - t0, 1)
         for stage, scfg in configs.items():
