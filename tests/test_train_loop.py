@@ -16,8 +16,9 @@ RUN = FAST + ["max_steps=20", "save_every=6", "eval_every=0", "warmup=4"]
 
 
 def losses(store, run_id):
-    """Last logged loss per step (a crash before a checkpoint re-logs the steps it replays)."""
-    return dict(runs.metric_series(store, run_id, "loss"))
+    series = runs.metric_series(store, run_id, "loss")
+    assert len({s for s, _ in series}) == len(series), "a replayed step was logged twice"
+    return dict(series)
 
 
 def fail_at(monkeypatch, call: int, exc: type[BaseException]):

@@ -111,3 +111,10 @@ def set_parent(store: Store, run_id: str, parent_id: str) -> None:
     """Attach a run to a pipeline run (stages open their own rows; `instar run` ties them together)."""
     with store.db.conn:
         store.db["runs"].update(run_id, {"parent_id": parent_id})
+
+
+def forget_after(store: Store, run_id: str, step: int) -> None:
+    """Drop metrics and samples logged after `step`: a run resumed from that step's checkpoint logs them again."""
+    with store.db.atomic():
+        store.db.execute("delete from metrics where run_id = ? and step > ?", [run_id, step])
+        store.db.execute("delete from samples where run_id = ? and step > ?", [run_id, step])

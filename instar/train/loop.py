@@ -142,6 +142,8 @@ class Session:
         if not (self.ckpt / "state.pt").exists() and not (self.ckpt / "model.safetensors").exists():
             return None
         state = load_checkpoint(self.ckpt, model)
+        if self.is_main and self.run_id:  # steps after the checkpoint are replayed: log them once
+            runs.forget_after(self.store, self.run_id, int(state["step"]))
         self.say(f"resuming {self.stage} from {self.ckpt} at step {state['step']}")
         return state
 
