@@ -79,3 +79,27 @@ def test_two_process_ddp_matches_gradient_accumulation(tmp_path):
     for step in a:
         assert b[step] == pytest.approx(a[step], abs=1e-4), step
     assert (tmp_path / "ddp" / "model" / "model.safetensors").exists()
+
+
+def test_lora_run_resumes_from_an_adapter_only_checkpoint(tmp_path, monkeypatch):
+    from instar.train.common import save_model
+    from train_fixtures import tiny_model, tiny_tokenizer
+
+    store = Store.open(tmp_path / "instar.db")
+    fill_store(store, n_docs=0, n_convs=150)
+    tok = tiny_tokenizer()
+    save_model(tiny_model(tok), tok, tmp_path / "base")
+    args = FAST + [f"model={tmp_path}/base", "max_steps=8", "save_every=4", "eval_every=0", "lora=true",
+                   "lora_r=4", "lr=3e-3"]
+    whole = run_stage("sft", None, args + [f"out={tmp_path}/whole"], store)
+    fail_at(monkeypatch, 7, KeyboardInterrupt)
+    with pytest.raises(KeyboardInterrupt):
+        run_stage("sft", None, args + [f"out={tmp_path}/split"], store)
+    monkeypatch.undo()
+    ckpt = tmp_path / "split" / "checkpoint" / "model.safetensors"
+    assert ckpt.stat().st_size < 0.5 * (tmp_path / "base" / "model.safetensors").stat().st_size  # adapters only
+    resumed = run_stage("sft", None, args + [f"out={tmp_path}/split"], store)
+    a, b = losses(store, whole["run_id"]), losses(store, resumed["run_id"])
+    assert sorted(a) == sorted(b) == list(range(1, 9))
+    for step in a:
+        assert b[step] == pytest.approx(a[step], abs=2e-3), step

@@ -458,17 +458,21 @@ def report_samples(model, tok, max_new_tokens: int = 48, when: str = "start") ->
 
 
 # --- checkpoints and run directories ---------------------------------------------------------------------
-def save_checkpoint(path: str | Path, model, state: dict) -> None:
-    """Atomically write <path>/model.safetensors (trainable + frozen weights of `model`, unwrapped) and
-    <path>/state.pt (`state`: optimizer, scheduler, RNG, step, data position... — tensors, numbers, strings,
-    dicts and lists only, so `torch.load(weights_only=True)` reads it). Writes a temp folder, then renames."""
+def save_checkpoint(path: str | Path, model, state: dict, trainable_only: bool = False) -> None:
+    """Atomically write <path>/model.safetensors (the weights of `model`, unwrapped; with `trainable_only` just
+    the parameters that train, e.g. LoRA adapters: 19 MB instead of 540 MB for SmolLM2) and <path>/state.pt
+    (`state`: optimizer, scheduler, RNG, step, data position... — tensors, numbers, strings, dicts and lists
+    only, so `torch.load(weights_only=True)` reads it). Writes a temp folder, then renames."""
     from safetensors.torch import save_file
 
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    weights = {k: v.detach().contiguous().cpu() for k, v in unwrap(model).state_dict().items()}
+    m = unwrap(model)
+    keep = {k for k, p in m.named_parameters() if p.requires_grad} if trainable_only else None
+    weights = {k: v.detach().contiguous().cpu() for k, v in m.state_dict().items() if keep is None or k in keep}
+    state = {**state, "trainable_only": trainable_only}
     # Tied embeddings share storage; safetensors refuses shared tensors, so store each once.
     seen: dict[int, str] = {}
     for k in list(weights):
@@ -497,9 +501,12 @@ def load_checkpoint(path: str | Path, model) -> dict:
         state = torch.load(path / "state.pt", weights_only=True, map_location="cpu")
         target = unwrap(model)
         missing, unexpected = target.load_state_dict(weights, strict=False)
-        # Tied weights were stored once: a missing key is fine only if it is tied to a loaded one.
+        # Tied weights were stored once: a missing key is fine only if it is tied to a loaded one (or frozen,
+        # for a trainable-only checkpoint: frozen weights come from the base model, rebuilt the same way).
         tied = set(getattr(target, "_tied_weights_keys", None) or [])
-        missing = [k for k in missing if k not in tied and not k.endswith("lm_head.weight")]
+        frozen = {k for k, p in target.named_parameters() if not p.requires_grad} if state.get("trainable_only") \
+            else set()
+        missing = [k for k in missing if k not in tied and k not in frozen and not k.endswith("lm_head.weight")]
         if missing or unexpected:
             raise ValueError(f"weights do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
     except Exception as e:  # safetensors/pickle/shape errors all mean the same thing to a user

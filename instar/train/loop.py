@@ -152,7 +152,8 @@ class Session:
         if self.is_main:
             save_checkpoint(self.ckpt, model, {"step": step, "optimizer": opt.state_dict(),
                                                "scheduler": sched.state_dict(), "rng": rng or rng_state(),
-                                               "start": start, "run_id": self.run_id or "", **(extra or {})})
+                                               "start": start, "run_id": self.run_id or "", **(extra or {})},
+                            trainable_only=self.cfg.lora)
 
     @torch.no_grad()
     def evaluate(self, model, evaluate: Callable) -> dict:
