@@ -220,7 +220,8 @@ def render_terminal(card: Card, console, html_file: Path | None = None, width: i
     run = card.run
     total = sum(s.seconds or 0 for s in card.stages)
     console.print(Panel(f"[bold]{run['id']}[/]  {run['kind']}  status [bold]{run['status']}[/]  "
-                        f"{len(card.stages)} stage(s)  {duration(total)}", title="instar report card"))
+                        f"{len(card.stages)} stage(s)  {duration(total)}{pipeline_line(card)}",
+                        title="instar report card"))
     numbers = Table(title="Held-out numbers, before -> after each stage", title_justify="left")
     for col in ("stage", "metric", "before", "after", "change", "curve"):
         numbers.add_column(col, justify="right" if col in ("before", "after", "change") else "left")
@@ -246,6 +247,14 @@ def render_terminal(card: Card, console, html_file: Path | None = None, width: i
         console.print(table)
     if html_file:
         console.print(f"curves and the full card: [link=file://{Path(html_file).resolve()}]{html_file}[/]")
+
+
+def pipeline_line(card: Card) -> str:
+    """A pipeline's dataset sizes and time per phase, from its summary (empty for a single stage run)."""
+    summary = card.run.get("summary") or {}
+    data = ", ".join(f"{k} {v:,}" for k, v in (summary.get("data") or {}).items())
+    secs = ", ".join(f"{k} {duration(v)}" for k, v in (summary.get("seconds") or {}).items())
+    return (f"\ndata: {data}" if data else "") + (f"\ntime: {secs}" if secs else "")
 
 
 def clip(text: str, limit: int) -> str:
@@ -295,7 +304,8 @@ def write_html(card: Card, path: Path) -> Path:
     run = card.run
     parts = [f"<!doctype html><meta charset='utf-8'><title>instar report {e(run['id'])}</title><style>{CSS}</style>",
              f"<h1>instar report card</h1><p><b>{e(run['id'])}</b> · {e(run['kind'])} · status {e(run['status'])}"
-             f" · {len(card.stages)} stage(s) · {duration(sum(s.seconds or 0 for s in card.stages))}</p>",
+             f" · {len(card.stages)} stage(s) · {duration(sum(s.seconds or 0 for s in card.stages))}</p>"
+             f"<p>{e(pipeline_line(card)).replace(chr(10), '<br>')}</p>",
              "<h2>Held-out numbers</h2><table><tr><th>stage</th><th>metric</th><th>before</th><th>after</th>"
              "<th>change</th><th>data</th></tr>"]
     for s in card.stages:

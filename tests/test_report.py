@@ -38,7 +38,8 @@ def fill(store, out_dir=None):
             runs.log_samples(store, rid, 50, [{"prompt": "rollout", "completion": "not a report sample"}])
         runs.finish_run(store, rid, summary={"stage": stage, "run_id": rid, "config": {}, "data": {"train": 100},
                                              "start": start, "end": end})
-    runs.finish_run(store, pid, summary={"stages": list(STAGES)})
+    runs.finish_run(store, pid, summary={"stages": list(STAGES), "data": {"text": 1234, "messages": 56},
+                                         "seconds": {"data": 300.0, "pretrain": 45.0}})
     return pid
 
 
@@ -58,6 +59,7 @@ def test_card_from_rows_contains_numbers_answers_and_plots(store, tmp_path):
         for v in [*start.values(), *end.values()]:
             assert f"{v:.4g}" in text
     assert "val bits/byte" in text and "math accuracy" in text and "policy reward" in text
+    assert "data: text 1,234, messages 56" in text and "time: data 5.0 min, pretrain 45 s" in text
     assert "What is an LLM?" in text and "0 random init" in text and "zq zq xv" in text
     assert "An LLM is a language model." in text and "not a report sample" not in text
     assert path == tmp_path / "pipe" / "report.html"
