@@ -201,7 +201,7 @@ def render_eval(result: dict, as_json: bool = False, con: Console | None = None)
         return
     table = _table(f"eval · {result['kind']} · {result['n']:,} records", "metric", "value")
     for name, value in result.items():
-        if name not in ("kind", "n"):
+        if name not in ("kind", "n") and not isinstance(value, list):  # lists (math answers) are for --json
             table.add_row(name, f"{value:,}" if isinstance(value, int) else format_value(name, value))
     con.print(table)
 

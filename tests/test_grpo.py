@@ -139,3 +139,139 @@ def test_training_batches_never_contain_held_out_problems():
         seen |= {r["question"] for r in batch}
         assert batch == problems.batch(step, 1)  # a pure function of the step: exact resume
     assert len(seen) > 40
+
+
+# --- end to end on a tiny arithmetic world ------------------------------------------------------------------
+FAMILIES = ["arithmetic", "money"]  # both are single-digit sums at level 1, worded differently
+GRPO_FAST = ['families=["arithmetic", "money"]', "difficulty=1", "eval_difficulty=1", "curriculum=false",
+             'instruction=""', "max_new_tokens=24", "batch_size=8", "group_size=8", "save_every=0",
+             "log_every=5", "sample_tokens=8", "seed=0"]
+
+
+@pytest.fixture(scope="module")
+def arith_world(tmp_path_factory):
+    """(store, sft run dir): a tiny model taken through stages 1-2 on single-digit sums, ~35 s on 2 cores.
+
+    Like data a weak teacher writes, the SFT replies end in one of two styles: 40% with the documented
+    `Answer: N` line, 60% with "The answer is N." — so the stage-2 model's greedy answers mostly miss the
+    format GRPO rewards. No held-out question (the GRPO eval set, eval_problems=64) appears in any stage's
+    data; their sums do appear, worded differently (the other family, other names)."""
+    import random
+
+    from instar.datasets.store import Provenance, Store
+    from instar.generate.procedural import make_problems
+    from instar.train import run_stage
+    from instar.train.rewards import format_answer
+
+    path = tmp_path_factory.mktemp("arith")
+    store = Store.open(path / "instar.db")
+    held = {r["question"] for r in Problems(Config(families=FAMILIES, eval_difficulty=1, eval_problems=64), None).heldout}
+    recs = {r["question"]: r for r in make_problems(1000, seed=11, families=FAMILIES, difficulty=1)
+            if r["question"] not in held}
+    rng = random.Random(0)
+    convs = []
+    for r in recs.values():
+        last = format_answer(r["answer"]) if rng.random() < 0.4 else f"The answer is {r['answer']}."
+        convs.append({"messages": [{"role": "user", "content": r["question"]},
+                                   {"role": "assistant", "content": f"{r['solution']}\n{last}"}]})
+    store.add("text", [{"text": c["messages"][0]["content"] + "\n" + c["messages"][1]["content"]} for c in convs],
+              Provenance(source="procedural"))
+    store.add("messages", convs, Provenance(source="procedural"))
+    fast = ["eval_every=0", "save_every=0", "log_every=50", "sample_tokens=8", "eval_batches=2", "batch_size=16",
+            "max_len=64"]
+    run_stage("pretrain", None, [f"out={path}/pt", "max_steps=40"] + fast, store)
+    run_stage("sft", None, [f"model={path}/pt", f"out={path}/sft", "max_steps=150", "lr=1e-3"] + fast, store)
+    return store, path / "sft"
+
+
+def test_grpo_raises_held_out_accuracy(arith_world, tmp_path):
+    """The headline: 15 GRPO steps (8 problems x 8 samples) lift held-out greedy pass@1 by far more than noise.
+    Measured on this 2-core box: 0.00 -> 0.41 after 10 steps, 0.37 after 30 (59 held-out problems); the
+    binomial noise of one accuracy at p ~ 0.3, n = 59 is ~0.06, so the bar of +0.20 is over 3 sigma."""
+    from instar.datasets import runs
+    from instar.train import run_stage
+
+    store, sft = arith_world
+    out = tmp_path / "grpo"
+    summary = run_stage("grpo", None, [f"model={sft}", f"out={out}", "max_steps=15", "lr=1e-4", "temperature=0.7",
+                                       "eval_problems=64", "eval_every=0"] + GRPO_FAST, store)
+    start, end = summary["start"], summary["end"]
+    assert end["accuracy"] >= start["accuracy"] + 0.20, (start, end)
+    assert end["reward_mean"] > start["reward_mean"]
+    on_disk = json.loads((out / "summary.json").read_text())
+    assert on_disk["start"]["accuracy"] == start["accuracy"] and on_disk["end"]["accuracy"] == end["accuracy"]
+    # The run tables hold the same numbers, per-step training metrics and the sample rows.
+    run = runs.get_run(store, summary["run_id"])
+    assert run["status"] == "done" and run["summary"]["end"]["accuracy"] == end["accuracy"]
+    acc = runs.metric_series(store, summary["run_id"], "accuracy")
+    assert acc[0] == (0, start["accuracy"]) and acc[-1] == (15, end["accuracy"])
+    for name in ("rollout_reward", "pass_rate", "completion_len", "kl", "clip_frac", "difficulty"):
+        assert len(runs.metric_series(store, summary["run_id"], name)) == 15, name
+
+
+def params_unchanged(before, after) -> list[str]:
+    a = dict(after.named_parameters())
+    return [n for n, p in before.named_parameters() if torch.equal(p, a[n])]
+
+
+def test_every_trainable_parameter_changes_and_loss_is_finite(arith_world, tmp_path):
+    from instar.datasets import runs
+    from instar.train import run_stage
+    from instar.train.common import load_model
+
+    store, sft = arith_world
+    out = tmp_path / "smoke"
+    summary = run_stage("grpo", None, [f"model={sft}", f"out={out}", "max_steps=2", "lr=1e-3", "eval_problems=8",
+                                       "eval_every=0", "epochs=2"] + GRPO_FAST, store)
+    before, after = load_model(sft)[0], load_model(out)[0]
+    assert params_unchanged(before, after) == []
+    series = {n: runs.metric_series(store, summary["run_id"], n) for n in ("rollout_reward", "kl", "clip_frac")}
+    assert all(math.isfinite(v) for values in series.values() for _, v in values)
+    assert series["kl"][-1][1] > 0  # the policy moved away from the reference
+    assert "accuracy" in summary["start"] and "reward_mean" in summary["end"]
+
+
+def test_resume_after_a_crash_matches_an_uninterrupted_run(arith_world, tmp_path, monkeypatch):
+    from instar.train import grpo, run_stage
+    from instar.train.common import load_model
+
+    store, sft = arith_world
+    sets = [f"model={sft}", "max_steps=4", "lr=1e-3", "eval_problems=8", "eval_every=0", "log_kl=false"] + GRPO_FAST
+    straight = run_stage("grpo", None, sets + [f"out={tmp_path / 'a'}"], store)
+
+    real_update, calls = grpo.update, {"n": 0}
+
+    def crash_on_third(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("simulated crash")
+        return real_update(*args, **kwargs)
+
+    monkeypatch.setattr(grpo, "update", crash_on_third)
+    b = tmp_path / "b"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_stage("grpo", None, sets + [f"out={b}", "save_every=2"], store)
+    assert (b / "checkpoint" / "state.pt").exists() and not (b / "summary.json").exists()
+    monkeypatch.setattr(grpo, "update", real_update)
+    resumed = run_stage("grpo", None, sets + [f"out={b}", "save_every=2"], store)
+    assert resumed["run_id"] != straight["run_id"]
+    assert json.loads((b / "run.json").read_text())["run_id"] == resumed["run_id"]  # the id survived the crash
+    wa, wb = dict(load_model(tmp_path / "a")[0].named_parameters()), dict(load_model(b)[0].named_parameters())
+    assert all(torch.allclose(wa[n], wb[n], atol=1e-6) for n in wa)
+    assert resumed["end"]["accuracy"] == straight["end"]["accuracy"]
+    again = run_stage("grpo", None, sets + [f"out={b}", "save_every=2"], store)
+    assert again.get("already_done") and again["run_id"] == resumed["run_id"]
+
+
+def test_eval_scores_math_records_with_the_reward_functions(arith_world, tmp_path):
+    from instar.train.evaluate import evaluate_file
+
+    _, sft = arith_world
+    data = tmp_path / "problems.jsonl"
+    rows = [{"question": "What is 2 + 3?", "answer": "5"}, {"question": "What is 4 + 4?", "answer": "8"}]
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    result = evaluate_file(sft, data)
+    assert result["kind"] == "math" and result["n"] == 2
+    assert 0.0 <= result["accuracy"] <= 1.0 and len(result["answers"]) == 2
+    for given in result["answers"]:
+        assert given["correct"] == score([given["completion"]], given)[1][0]

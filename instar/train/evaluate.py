@@ -94,7 +94,15 @@ def eval_messages(model, tok, records: list[dict], opts: EvalOptions) -> dict:
     return score_conversations(model, examples, tok.pad_token_id, opts.batch_size)
 
 
-EVALUATORS: dict[str, Callable] = {"text": eval_text, "messages": eval_messages}
+def eval_math(model, tok, records: list[dict], opts: EvalOptions) -> dict:
+    """Greedy pass@1 with GRPO's own reward functions; the answers it gave come back too."""
+    from instar.train.grpo import evaluate_math
+
+    return evaluate_math(model, tok, records, max_new_tokens=min(opts.max_len, 128), batch_size=opts.batch_size,
+                         answers=True)
+
+
+EVALUATORS: dict[str, Callable] = {"text": eval_text, "messages": eval_messages, "math": eval_math}
 
 
 def read_jsonl(path: Path, kind: str | None = None) -> tuple[str, list[dict]]:

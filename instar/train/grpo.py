@@ -186,6 +186,12 @@ def completion_logprobs(model, seqs: dict, temperature: float) -> torch.Tensor:
 
 
 # --- rollouts, update, evaluation ------------------------------------------------------------------------
+def finished(gen, tok) -> torch.Tensor:
+    """[B] bool: the completion ended with a stop token (False = truncated at max_new_tokens)."""
+    stops = torch.tensor(stop_ids(tok), device=gen.completion_ids.device)
+    return (torch.isin(gen.completion_ids, stops) & gen.completion_mask.bool()).any(dim=1).cpu()
+
+
 def rollout(model, tok, rows: list[dict], cfg: Config, seed: int, bf16: bool, device) -> dict:
     """G completions per problem, their rewards (0 when truncated), correctness and advantages."""
     G = cfg.group_size
@@ -194,18 +200,16 @@ def rollout(model, tok, rows: list[dict], cfg: Config, seed: int, bf16: bool, de
     with autocast(device, bf16):
         gen = generate(model, tok, [p for p in prompts for _ in range(G)], cfg.max_new_tokens, cfg.temperature,
                        cfg.top_k or None, seed=seed)
-    stops = torch.tensor(stop_ids(tok), device=gen.completion_ids.device)
-    finished = (torch.isin(gen.completion_ids, stops) & gen.completion_mask.bool()).any(dim=1)   # [P*G]
+    done = finished(gen, tok)                                                                  # [P*G]
     rewards, correct = [], []
     for i, row in enumerate(rows):
         r, c = score(gen.texts[i * G:(i + 1) * G], row)
         rewards += r
         correct += c
-    done = finished.tolist()
-    rewards = torch.tensor([r if ok else 0.0 for r, ok in zip(rewards, done)])
-    correct = torch.tensor([c and ok for c, ok in zip(correct, done)], dtype=torch.float32)
+    rewards = torch.tensor([r if ok else 0.0 for r, ok in zip(rewards, done.tolist())])
+    correct = torch.tensor([c and ok for c, ok in zip(correct, done.tolist())], dtype=torch.float32)
     R = rewards.view(len(rows), G)
-    return {"gen": gen, "rewards": rewards, "correct": correct, "truncated": (~finished).float().cpu(),
+    return {"gen": gen, "rewards": rewards, "correct": correct, "truncated": (~done).float().cpu(),
             "adv": group_advantages(R, cfg.scale_rewards).flatten(), "informative": (R.max(1).values > R.min(1).values)}
 
 
@@ -249,9 +253,9 @@ def evaluate_math(model, tok, records: list[dict], max_new_tokens: int = 48, ins
         rows = records[i:i + batch_size]
         prompts = [render_chat(tok, math_prompt(r["question"], instruction), add_generation_prompt=True)[0]
                    for r in rows]
-        texts = generate(model, tok, prompts, max_new_tokens, temperature=0.0).texts
-        for row, text in zip(rows, texts):
-            r, c = score([text], row)
+        gen = generate(model, tok, prompts, max_new_tokens, temperature=0.0)
+        for row, text, ok in zip(rows, gen.texts, finished(gen, tok).tolist()):
+            r, c = score([text], row) if ok else ([0.0], [False])  # truncated: no reward, as in training
             rewards.append(r[0])
             correct.append(c[0])
             given.append({"question": row["question"], "answer": row["answer"], "completion": text, "correct": c[0]})
@@ -312,7 +316,7 @@ def run(cfg: Config, store) -> dict:
                 cur.update(pass_rate)
             step += 1
             history.append(float(ro["rewards"].mean()))
-            values = {"reward_mean": history[-1], "pass_rate": pass_rate,
+            values = {"rollout_reward": history[-1], "pass_rate": pass_rate,
                       "completion_len": float(ro["gen"].completion_mask.sum(1).float().mean()),
                       "truncated": float(ro["truncated"].mean()), "kl": m["kl"], "clip_frac": m["clip_frac"],
                       "skipped_groups": 1.0 - float(ro["informative"].float().mean()), "difficulty": level,
@@ -331,7 +335,7 @@ def run(cfg: Config, store) -> dict:
     s.progress = None
     end = s.measure(model, tok, evaluate, "end", step=cfg.max_steps)
     if history:
-        end["train_reward_mean"] = sum(history[-10:]) / len(history[-10:])
+        end["rollout_reward"] = sum(history[-10:]) / len(history[-10:])  # mean of the last 10 steps
     end["difficulty"] = cur.level
     return s.finish(unwrap(model), tok, start=start, end=end)
 
