@@ -54,7 +54,7 @@ class TeacherConfig(StrictConfig):
 class DataConfig(StrictConfig):
     corpus: int = Field(80, ge=0, description="Target `text` records (pretraining documents) from the teacher.")
     instructions: int = Field(40, ge=0, description="Target teacher-written `messages` records (SFT conversations).")
-    preferences: int = Field(40, ge=0, description="Target `preference` pairs (reward model, PPO, DPO).")
+    preferences: int = Field(300, ge=0, description="Target `preference` pairs (reward model, PPO, DPO).")
     preference_source: Literal["judge", "swap"] = Field("swap", description="judge = the teacher writes two answers "
                                                         "and judges both orders; swap = procedural pairs from the "
                                                         "stored conversations (chosen: the conversation's own answer, "
@@ -198,8 +198,8 @@ def swap_pairs(store, target: int, seed: int) -> int:
         return 0
     rng = random.Random(seed)
     candidates = []
-    for conv in convs:  # every conversation with up to 8 random partners: plenty of distinct pairs
-        for j in rng.sample(range(len(convs)), min(8, len(convs))):
+    for conv in convs:  # every conversation with up to 16 random partners: plenty of distinct pairs
+        for j in rng.sample(range(len(convs)), min(16, len(convs))):
             if convs[j][-1]["content"] != conv[-1]["content"]:
                 candidates.append({"prompt": conv[:-1], "chosen": conv[-1]["content"],
                                    "rejected": convs[j][-1]["content"]})
