@@ -185,7 +185,8 @@ def render_train(summary: dict, con: Console | None = None) -> None:
     if summary.get("already_done"):
         con.print(f"[yellow]{summary['stage']} already finished[/] in {summary['config']['out']} "
                   f"(run {summary['run_id']}); delete that folder or set another `out` to train again")
-    table = _table(f"{summary['stage']} · run {summary['run_id']}", "metric", "start", "end")
+    con.print(f"[bold]{summary['stage']}[/] · run {summary['run_id']}", highlight=False)
+    table = _table("", "metric", "start", "end")
     for name, end in summary.get("end", {}).items():
         table.add_row(name, format_value(name, summary.get("start", {}).get(name)), format_value(name, end))
     con.print(table)
@@ -199,7 +200,8 @@ def render_eval(result: dict, as_json: bool = False, con: Console | None = None)
     if as_json:
         print(json.dumps(result))  # plain stdout: machine-readable, no rich markup or wrapping
         return
-    table = _table(f"eval · {result['kind']} · {result['n']:,} records", "metric", "value")
+    con.print(f"[bold]eval[/] · {result['kind']} · {result['n']:,} records", highlight=False)
+    table = _table("", "metric", "value")
     for name, value in result.items():
         if name not in ("kind", "n") and not isinstance(value, list):  # lists (math answers) are for --json
             table.add_row(name, f"{value:,}" if isinstance(value, int) else format_value(name, value))
