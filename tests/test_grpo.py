@@ -275,3 +275,18 @@ def test_eval_scores_math_records_with_the_reward_functions(arith_world, tmp_pat
     assert 0.0 <= result["accuracy"] <= 1.0 and len(result["answers"]) == 2
     for given in result["answers"]:
         assert given["correct"] == score([given["completion"]], given)[1][0]
+
+
+def test_lora_policy_uses_its_disabled_adapter_as_reference(arith_world, tmp_path):
+    from instar.datasets import runs
+    from instar.train import run_stage
+    from instar.train.common import load_model
+
+    store, sft = arith_world
+    out = tmp_path / "lora"
+    summary = run_stage("grpo", None, [f"model={sft}", f"out={out}", "max_steps=2", "lr=1e-2", "eval_problems=8",
+                                       "eval_every=0", "lora=true", "lora_r=4"] + GRPO_FAST, store)
+    kl = runs.metric_series(store, summary["run_id"], "kl")
+    assert kl[0][1] < 1e-3 < kl[-1][1]  # step 1 rolls out before any update: policy == reference
+    before, after = load_model(sft)[0], load_model(out)[0]  # model/ is a plain, merged model
+    assert params_unchanged(before, after) != [] and len(params_unchanged(before, after)) < len(list(before.parameters()))

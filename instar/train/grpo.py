@@ -186,6 +186,17 @@ def completion_logprobs(model, seqs: dict, temperature: float) -> torch.Tensor:
 
 
 # --- rollouts, update, evaluation ------------------------------------------------------------------------
+class AdapterOff:
+    """The reference of a LoRA policy: the same model with its adapters disabled, so no second copy is loaded."""
+
+    def __init__(self, policy):
+        self.policy = policy
+
+    def __call__(self, **inputs):
+        with unwrap(self.policy).disable_adapter():
+            return self.policy(**inputs)
+
+
 def finished(gen, tok) -> torch.Tensor:
     """[B] bool: the completion ended with a stop token (False = truncated at max_new_tokens)."""
     stops = torch.tensor(stop_ids(tok), device=gen.completion_ids.device)
@@ -274,10 +285,11 @@ def run(cfg: Config, store) -> dict:
     s = open_session("grpo", cfg, store)
     model, tok = load_model(cfg.model)
     ref = None
-    if cfg.beta > 0 or cfg.log_kl:  # the frozen starting policy
-        ref = load_model(cfg.model, s.device)[0].eval().requires_grad_(False)
     if cfg.lora:
         model = wrap_lora(model, cfg)
+        ref = AdapterOff(model) if cfg.beta > 0 or cfg.log_kl else None
+    elif cfg.beta > 0 or cfg.log_kl:  # the frozen starting policy
+        ref = load_model(cfg.model, s.device)[0].eval().requires_grad_(False)
     model = s.place(model)
     s.data = {"source": cfg.source, "heldout_problems": len(problems.heldout), "families": cfg.families,
               "group_size": cfg.group_size, "rollouts_per_step": cfg.batch_size * cfg.group_size,
