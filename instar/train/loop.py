@@ -1,12 +1,13 @@
 """The one optimisation loop, plus the helpers RL stages reuse when they drive their own rollout->update cycle.
 
     session = open_session("sft", cfg, store)        # out dir, run id (kept across resumes), device, DDP, logging
+    session.data = {"train_conversations": 1200}      # counts for summary.json
     model = session.place(model)                      # to device (+ torch.compile) ; DDP wrap happens in train()
     state = session.resume(model)                     # None, or the checkpoint's state (weights already loaded)
     start = state["start"] if state else session.measure(model, tok, evaluate, "start")
     train(session, model, batch_at=..., loss_fn=..., evaluate=..., state=state, start=start)
-    end = session.measure(model, tok, evaluate, "end")
-    return session.finish(model, tok, data={...}, start=start, end=end)
+    end = session.measure(model, tok, evaluate, "end", step=cfg.max_steps)
+    return session.finish(model, tok, start=start, end=end)    # model/ + summary.json + run row
 
 `batch_at(i)` returns the i-th micro-batch of the whole run (a pure function of i and the seed), so the data
 position is just the step: rank r of W at step s, micro-batch m reads i = (s * grad_accum + m) * W + r.
