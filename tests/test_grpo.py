@@ -67,6 +67,22 @@ def test_loss_clips_the_ratio_and_adds_k3_kl_with_beta():
     assert math.isclose(float(no_beta), float(loss)) and m0["kl"] > 0  # measured, not optimised, at beta 0
 
 
+def test_a_step_whose_groups_all_have_equal_rewards_updates_nothing():
+    from instar.train.grpo import update
+    from instar.train.loop import make_optimizer, make_scheduler
+
+    cfg = Config(epochs=2, max_steps=10, warmup=0)
+    model = torch.nn.Linear(2, 2)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = make_optimizer(cfg, model)
+    sched = make_scheduler(cfg.model_copy(update={"max_steps": 20}), opt)
+    rewards = torch.tensor([[1.1, 1.1], [0.0, 0.0]])  # all right / all wrong: no signal
+    ro = {"gen": None, "adv": group_advantages(rewards).flatten(), "informative": rewards.max(1).values > rewards.min(1).values}
+    assert update(model, None, opt, sched, cfg, ro, torch.device("cpu"), False) == {"clip_frac": 0.0, "kl": None}
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert sched.last_epoch == 2  # the schedule still advances one step per epoch
+
+
 # --- the answer format -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("completion, expected", [
     ("3 + 4 = 7\nAnswer: 7", "7"),

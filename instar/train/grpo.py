@@ -228,9 +228,10 @@ def update(model, ref, opt, sched, cfg: Config, ro: dict, device, bf16: bool) ->
     """`epochs` optimizer steps on the informative groups of one rollout batch; returns step metrics."""
     gen, G = ro["gen"], cfg.group_size
     keep = ro["informative"].repeat_interleave(G).nonzero().flatten().tolist()
-    if not keep:
-        sched.step()  # nothing to learn from; keep the schedule aligned with steps
-        return {"clip_frac": 0.0, "kl": None, "skipped": 1.0}
+    if not keep:  # nothing to learn from; empty optimizer steps keep the schedule aligned with steps
+        for _ in range(cfg.epochs):
+            optimizer_step(model, opt, sched, cfg)
+        return {"clip_frac": 0.0, "kl": None}
     seqs = {k: getattr(gen, k).to(device) for k in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")}
     chunks = [keep[i:i + cfg.micro_batch] for i in range(0, len(keep), cfg.micro_batch)]
     part = lambda idx: {k: v[idx] for k, v in seqs.items()}  # noqa: E731
@@ -252,7 +253,7 @@ def update(model, ref, opt, sched, cfg: Config, ro: dict, device, bf16: bool) ->
             if epoch == cfg.epochs - 1:  # report the last epoch's clip fraction and KL, token-weighted
                 clip, kl, n = clip + m["clip_frac"] * m["tokens"], kl + m.get("kl", 0.0) * m["tokens"], n + m["tokens"]
         optimizer_step(model, opt, sched, cfg)
-    return {"clip_frac": clip / n, "kl": kl / n if ref is not None else None, "skipped": 0.0}
+    return {"clip_frac": clip / n, "kl": kl / n if ref is not None else None}
 
 
 @torch.no_grad()
