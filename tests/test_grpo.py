@@ -238,12 +238,16 @@ def test_every_trainable_parameter_changes_and_loss_is_finite(arith_world, tmp_p
     store, sft = arith_world
     out = tmp_path / "smoke"
     summary = run_stage("grpo", None, [f"model={sft}", f"out={out}", "max_steps=2", "lr=1e-3", "eval_problems=8",
-                                       "eval_every=0", "epochs=2"] + GRPO_FAST, store)
+                                       "eval_every=1", "epochs=2"] + GRPO_FAST, store)
     before, after = load_model(sft)[0], load_model(out)[0]
     assert params_unchanged(before, after) == []
     series = {n: runs.metric_series(store, summary["run_id"], n) for n in ("rollout_reward", "kl", "clip_frac")}
     assert all(math.isfinite(v) for values in series.values() for _, v in values)
     assert series["kl"][-1][1] > 0  # the policy moved away from the reference
+    assert [step for step, _ in runs.metric_series(store, summary["run_id"], "accuracy")] == [0, 1, 2]
+    rows = [r for r in runs.run_samples(store, summary["run_id"]) if json.loads(r["extra"] or "{}").get("tag") == "grpo"]
+    assert rows and all(r["step"] == 1 and r["prompt"] and r["reward"] is not None for r in rows)
+    assert all("advantage" in json.loads(r["extra"]) for r in rows)
     assert "accuracy" in summary["start"] and "reward_mean" in summary["end"]
 
 
