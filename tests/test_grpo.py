@@ -202,8 +202,9 @@ def arith_world(tmp_path_factory):
 
 def test_grpo_raises_held_out_accuracy(arith_world, tmp_path):
     """The headline: 15 GRPO steps (8 problems x 8 samples) lift held-out greedy pass@1 by far more than noise.
-    Measured on this 2-core box: 0.00 -> 0.41 after 10 steps, 0.37 after 30 (59 held-out problems); the
-    binomial noise of one accuracy at p ~ 0.3, n = 59 is ~0.06, so the bar of +0.20 is over 3 sigma."""
+    Measured on this 2-core box (59 held-out problems): 0.00 -> 0.46; with seed 1, seed 2 or dtype fp32 instead,
+    0.44, 0.38, 0.37. Most of the gain is the model adopting the rewarded `Answer:` line for sums it can do;
+    the binomial noise of one accuracy at p ~ 0.3, n = 59 is ~0.06, so the bar of +0.20 is over 3 sigma."""
     from instar.datasets import runs
     from instar.train import run_stage
 
