@@ -28,7 +28,6 @@ dynamic resampling; one reward mix; the old policy's log-probs are the current o
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from typing import Literal
