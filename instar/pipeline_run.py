@@ -190,9 +190,10 @@ def swap_pairs(store, target: int, seed: int) -> int:
     import random
 
     from instar.datasets.store import Provenance, record_id, split_of
-    from instar.train.rewards import INSTRUCTION
+    from instar.train.rewards import extract_answer
 
-    convs = [r["messages"] for r in store.records("messages") if not r["messages"][-2]["content"].endswith(INSTRUCTION)]
+    # Not the math conversations (their replies end in an "Answer: N" line): a swapped number is no preference.
+    convs = [r["messages"] for r in store.records("messages") if extract_answer(r["messages"][-1]["content"]) is None]
     need = target - store.count("preference")
     if need <= 0 or len(convs) < 2:
         return 0

@@ -126,3 +126,49 @@ def test_report_renders_from_the_database_alone(work, ci_run, tmp_path):
     pipe = runs.list_runs(Store.open(tmp_path / "copy.db"), kind="pipeline")[-1]
     assert pipe["id"] in proc.stdout and "val loss" in proc.stdout and "What is 7 + 5?" in proc.stdout
     assert "data:image/png;base64," in (tmp_path / "card.html").read_text()
+
+
+# --- fast checks of the pipeline's pieces (no training) -----------------------------------------------------
+def test_pipeline_config_errors_name_the_key():
+    from instar.errors import ConfigError
+    from instar.pipeline_run import load_pipeline_config, stage_configs
+
+    with pytest.raises(ConfigError, match="unknown key 'bogus'"):
+        load_pipeline_config(None, ["bogus=1"])
+    with pytest.raises(ConfigError, match=r"\[train.sft\]: unknown key 'bogus'"):
+        stage_configs(load_pipeline_config(None, ["train.sft.bogus=1"]))
+    with pytest.raises(ConfigError, match="unknown stage table"):
+        stage_configs(load_pipeline_config(None, ["train.rlhf.lr=1"]))
+    with pytest.raises(ConfigError, match="not a stage of this plan"):
+        load_pipeline_config(None, ["stage3=dpo", "stop_after=ppo"]).stages()
+
+
+def test_stages_are_chained_through_run_directories():
+    from instar.pipeline_run import load_pipeline_config, stage_configs
+
+    cfgs = stage_configs(load_pipeline_config(CI, ["out=x", "train.grpo.model=elsewhere"]))
+    assert list(cfgs) == STAGES
+    assert (cfgs["pretrain"].model, cfgs["sft"].model, cfgs["reward"].model) == ("scratch", "x/pretrain", "x/sft")
+    assert (cfgs["ppo"].model, cfgs["ppo"].reward_model) == ("x/sft", "x/reward")
+    assert cfgs["grpo"].model == "elsewhere" and cfgs["grpo"].out == "x/grpo"  # a stage table wins
+    dpo = stage_configs(load_pipeline_config(CI, ["out=x", "stage3=dpo"]))
+    assert list(dpo) == ["pretrain", "sft", "dpo", "grpo"] and dpo["grpo"].model == "x/dpo"
+
+
+def test_math_sft_excludes_grpo_held_out_problems_and_swap_pairs_reach_val(store):
+    import io
+
+    from rich.console import Console
+
+    from instar.pipeline_run import load_pipeline_config, math_conversations, stage_configs, swap_pairs
+    from instar.train.grpo import Problems
+
+    grpo = stage_configs(load_pipeline_config(None, []))["grpo"]
+    n = math_conversations(store, 200, 0, grpo, Console(file=io.StringIO()))
+    held = {r["question"] for r in Problems(grpo, store).heldout}
+    asked = {m["messages"][0]["content"] for m in store.records("messages")}
+    assert n == store.count("messages") > 50 and not asked & held
+    store.add("messages", conversations(12), Provenance(source="import"))
+    assert swap_pairs(store, 20, 0) == 20 and store.count("preference", "val") >= 1
+    for pair in store.records("preference"):
+        assert pair["chosen"] != pair["rejected"] and "Answer:" not in pair["chosen"] + pair["rejected"]
