@@ -284,18 +284,29 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(arith_world, tmp_path
     assert again.get("already_done") and again["run_id"] == resumed["run_id"]
 
 
-def test_eval_scores_math_records_with_the_reward_functions(arith_world, tmp_path):
-    from instar.train.evaluate import evaluate_file
+def test_eval_cli_scores_math_records_with_the_reward_functions(arith_world, tmp_path, monkeypatch, capsys):
+    import sys
+
+    from instar import cli
 
     _, sft = arith_world
     data = tmp_path / "problems.jsonl"
     rows = [{"question": "What is 2 + 3?", "answer": "5"}, {"question": "What is 4 + 4?", "answer": "8"}]
     data.write_text("\n".join(json.dumps(r) for r in rows))
-    result = evaluate_file(sft, data)
+    monkeypatch.setattr(sys, "argv", ["instar", "eval", str(sft), "--data", str(data), "--json"])
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    assert exit_.value.code == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["kind"] == "math" and result["n"] == 2
     assert 0.0 <= result["accuracy"] <= 1.0 and len(result["answers"]) == 2
     for given in result["answers"]:
         assert given["correct"] == score([given["completion"]], given)[1][0]
+    assert result["accuracy"] == sum(g["correct"] for g in result["answers"]) / 2
+    monkeypatch.setattr(sys, "argv", ["instar", "eval", str(sft), "--data", str(data)])  # the table skips answers
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    assert exit_.value.code == 0 and "accuracy" in capsys.readouterr().out
 
 
 def test_lora_policy_uses_its_disabled_adapter_as_reference(arith_world, tmp_path):
