@@ -322,3 +322,27 @@ def test_lora_policy_uses_its_disabled_adapter_as_reference(arith_world, tmp_pat
     assert kl[0][1] < 1e-3 < kl[-1][1]  # step 1 rolls out before any update: policy == reference
     before, after = load_model(sft)[0], load_model(out)[0]  # model/ is a plain, merged model
     assert params_unchanged(before, after) != [] and len(params_unchanged(before, after)) < len(list(before.parameters()))
+
+
+def test_store_source_trains_on_the_train_split_and_holds_out_val(arith_world, tmp_path):
+    from instar.datasets.store import Provenance, Store
+    from instar.errors import InstarError
+    from instar.generate.procedural import make_problems
+    from instar.train import run_stage
+
+    _, sft = arith_world
+    store = Store.open(tmp_path / "math.db")
+    with pytest.raises(InstarError, match="'math' records"):
+        Problems(Config(source="store"), store)
+    store.add("math", make_problems(300, seed=3, families=["arithmetic"], difficulty=1)
+              + make_problems(100, seed=4, families=["arithmetic"], difficulty=3), Provenance(source="procedural"))
+    problems = Problems(Config(source="store", batch_size=16), store)
+    val = {r["question"] for r in store.records("math", "val")}
+    assert {r["question"] for r in problems.heldout} == val and problems.levels == [1, 3]
+    assert {r["difficulty"] for r in problems.batch(0, 2)} == {1}  # no level-2 records: the nearest level
+    assert {r["difficulty"] for r in problems.batch(0, 3)} == {3}
+    assert not val & {r["question"] for step in range(10) for r in problems.batch(step, 1)}
+    summary = run_stage("grpo", None, [f"model={sft}", f"out={tmp_path / 'g'}", "source=store", "max_steps=1",
+                                       "eval_every=0", "max_new_tokens=16", "batch_size=4", "group_size=4",
+                                       'instruction=""', "sample_tokens=8", "log_kl=false"], store)
+    assert summary["data"]["heldout_problems"] == len(store.records("math", "val"))
