@@ -346,3 +346,16 @@ def test_store_source_trains_on_the_train_split_and_holds_out_val(arith_world, t
                                        "eval_every=0", "max_new_tokens=16", "batch_size=4", "group_size=4",
                                        'instruction=""', "sample_tokens=8", "log_kl=false"], store)
     assert summary["data"]["heldout_problems"] == len(store.records("math", "val"))
+
+
+def test_curriculum_steps_down_when_the_level_is_too_hard(arith_world, tmp_path):
+    from instar.datasets import runs
+    from instar.train import run_stage
+
+    store, sft = arith_world
+    sets = [s for s in GRPO_FAST if not s.startswith(("curriculum", "difficulty"))]
+    summary = run_stage("grpo", None, [f"model={sft}", f"out={tmp_path / 'c'}", "max_steps=2", "eval_problems=8",
+                                       "eval_every=0", "log_kl=false", "curriculum=true", "difficulty=3"] + sets, store)
+    # The model only ever saw single-digit sums: level 3 (three terms up to 50) passes < 30%, so it steps down.
+    assert runs.metric_series(store, summary["run_id"], "difficulty") == [(1, 3.0), (2, 2.0)]
+    assert summary["end"]["difficulty"] == 1
