@@ -57,7 +57,7 @@ class Config(TrainConfig):
     gamma: float = Field(1.0, gt=0, le=1, description="Discount (1: a response is one short episode).")
     lam: float = Field(0.95, ge=0, le=1, description="GAE lambda.")
     kl_max: float = Field(20.0, gt=0, description="Stop when the mean KL of a response to the reference exceeds this (nats).")
-    max_len: int = Field(256, ge=8, description="Prompt tokens kept (the end of longer prompts).")
+    max_len: int = Field(256, ge=8, description="Prompt + response tokens (a longer prompt keeps its end).")
     eval_batches: int = Field(2, ge=1, description="Held-out rollout batches at each eval.")
 
     @model_validator(mode="after")
