@@ -9,8 +9,8 @@ about 2-3 minutes on an idle 2-core machine (generation ~30 s, each pipeline ~40
 
 import json
 import os
-import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -119,7 +119,10 @@ def test_killed_run_resumes_without_redoing_finished_stages(work, ci_run):
 
 
 def test_report_renders_from_the_database_alone(work, ci_run, tmp_path):
-    shutil.copy(work / "instar.db", tmp_path / "copy.db")  # no run directories next to this copy
+    # No run directories next to this copy. The backup API copies what still sits in the WAL file too
+    # (a plain file copy missed the last commits whenever a checkpoint had not run yet).
+    with sqlite3.connect(work / "instar.db") as src, sqlite3.connect(tmp_path / "copy.db") as dst:
+        src.backup(dst)
     proc = instar(["report", "--db", str(tmp_path / "copy.db"), "--html", str(tmp_path / "card.html")],
                   cwd=tmp_path, timeout=120)
     assert proc.returncode == 0, proc.stderr
