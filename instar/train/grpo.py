@@ -40,7 +40,8 @@ from instar.generate.procedural import FAMILIES, MAX_DIFFICULTY, make_problems
 from instar.train.common import (TrainConfig, finished_summary, generate, load_model, render_chat, stop_ids,
                                  token_logprobs, unwrap, wrap_lora)
 from instar.train.losses import masked_mean, ppo_policy_loss
-from instar.train.loop import autocast, make_optimizer, make_scheduler, open_session, optimizer_step, set_rng_state
+from instar.train.loop import (autocast, make_optimizer, make_scheduler, open_session, optimizer_step,
+                               restore_training_state)
 from instar.train.rewards import INSTRUCTION, math_prompt, score
 
 HELDOUT_SEED = -1  # held-out problems come from seed -1 - cfg.seed; training seeds are >= 0, and questions are
@@ -307,10 +308,8 @@ def run(cfg: Config, store) -> dict:
     state = s.resume(model)
     step = 0
     if state is not None:
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
-        step, cur.level, cur.avg = int(state["step"]), int(state["level"]), float(state["avg"])
+        step = restore_training_state(state, opt, sched)
+        cur.level, cur.avg = int(state["level"]), float(state["avg"])
     start = state["start"] if state else s.measure(model, tok, evaluate, "start")
     history: list[float] = []
     model.train()

@@ -96,6 +96,14 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def restore_training_state(state: dict, opt, sched) -> int:
+    """Put a checkpoint's optimizer, scheduler and RNG state back; return the step to continue from."""
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"])
+    return int(state["step"])
+
+
 # --- a run: directory, run id, distributed, logging ------------------------------------------------------
 @dataclass
 class Session:
@@ -241,12 +249,7 @@ def train(s: Session, model, *, batch_at: Callable[[int], dict], loss_fn: Callab
                                                         else None)
     opt = make_optimizer(cfg, model)
     sched = make_scheduler(cfg, opt)
-    step = 0
-    if state is not None:
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
-        step = int(state["step"])
+    step = restore_training_state(state, opt, sched) if state is not None else 0
     model.train()
     progress = make_progress() if s.is_main else contextlib.nullcontext()
     with progress:

@@ -34,7 +34,8 @@ from instar.errors import ConfigError, InstarError
 from instar.train.common import (Sampler, TrainConfig, collate, finished_summary, generate, load_model, render_chat,
                                  token_logprobs, wrap_lora)
 from instar.train.losses import entropy, gae, kl_penalty, ppo_policy_loss, ppo_value_loss, whiten
-from instar.train.loop import autocast, make_optimizer, make_scheduler, open_session, optimizer_step, set_rng_state
+from instar.train.loop import (autocast, make_optimizer, make_scheduler, open_session, optimizer_step,
+                               restore_training_state)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -206,12 +207,7 @@ def run(cfg: Config, store, scorer: Scorer | None = None) -> dict:
     sched = make_scheduler(cfg.model_copy(update={"max_steps": cfg.max_steps * updates, "warmup": cfg.warmup * updates}),
                            opt)
     state = s.resume(policy)
-    step = 0
-    if state is not None:
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
-        step = int(state["step"])
+    step = restore_training_state(state, opt, sched) if state is not None else 0
     start = state["start"] if state else s.measure(policy.lm, tok, evaluate, "start")
     train_loop(s, policy, reference, scorer, tok, train_prompts, questions, opt, sched, step, start)
     end = s.measure(policy.lm, tok, evaluate, "end", step=cfg.max_steps)
