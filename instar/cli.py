@@ -114,52 +114,7 @@ def data_export(out: Annotated[Path, typer.Option("--out", "-o", help="JSONL fil
     report.console.print(f"wrote {n:,} records to {out}")
 
 
-# -- report, export, chat, run ------------------------------------------------------------------------
-RunArg = Annotated[Optional[str], typer.Argument(help="Run id or run directory [default: the latest run].")]
-
-
-@app.command("report")
-def report_cmd(run: RunArg = None,
-               html: Annotated[Optional[Path], typer.Option(help="HTML file [default: next to the run].")] = None,
-               db: DbOpt = None) -> None:
-    """The report card: held-out numbers, answers to fixed prompts and curves, from the stored runs."""
-    from instar import report
-    from instar.report_card import report as report_card
-
-    report_card(open_store(db), run, report.console, html)
-
-
-@app.command("export")
-def export_cmd(out: Annotated[Path, typer.Option("--out", "-o", help="GGUF file or folder to write.")],
-               run: RunArg = None,
-               fmt: Annotated[str, typer.Option("--format", "-f", help="hf or gguf.")] = "gguf",
-               dtype: Annotated[str, typer.Option(help="GGUF tensor type: f16 or f32.")] = "f16",
-               db: DbOpt = None) -> None:
-    """Export a run's model: a Hugging Face directory, or a GGUF file + Ollama Modelfile."""
-    from instar import report
-    from instar.export import export
-    from instar.report_card import resolve_model
-    from instar.train.common import model_dir
-
-    for path in export(model_dir(resolve_model(open_store(db), run)), fmt, out, dtype):
-        report.console.print(f"wrote {path}")
-
-
-@app.command("chat")
-def chat_cmd(run: RunArg = None,
-             temperature: Annotated[float, typer.Option(help="Sampling temperature (0 = greedy).")] = 0.7,
-             max_tokens: Annotated[int, typer.Option(help="Longest reply, in tokens.")] = 200,
-             system: Annotated[Optional[str], typer.Option(help="A system prompt.")] = None,
-             db: DbOpt = None) -> None:
-    """Chat in the terminal with any stage's model (`/reset` forgets, `/exit` or Ctrl-D quits)."""
-    from instar import report
-    from instar.chat import chat
-    from instar.report_card import resolve_model
-
-    chat(resolve_model(open_store(db), run), sys.stdin, report.console, max_new_tokens=max_tokens,
-         temperature=temperature, system=system)
-
-
+# -- run ------------------------------------------------------------------------------------------------
 @app.command("run")
 def run_cmd(config: ConfigOpt = None, set_: SetOpt = None, db: DbOpt = None) -> None:
     """Grow a model end to end: data, stages 0-4, report card, export. Re-run the same command to resume."""
@@ -213,6 +168,52 @@ def eval_cmd(checkpoint: Annotated[str, typer.Argument(help="Run directory, HF m
     from instar.train.evaluate import evaluate_file
 
     report.render_eval(evaluate_file(checkpoint, data, batch_size=batch_size, max_len=max_len), as_json=json_)
+
+
+# -- report, export, chat, run ------------------------------------------------------------------------
+RunArg = Annotated[Optional[str], typer.Argument(help="Run id or run directory [default: the latest run].")]
+
+
+@app.command("report")
+def report_cmd(run: RunArg = None,
+               html: Annotated[Optional[Path], typer.Option(help="HTML file [default: next to the run].")] = None,
+               db: DbOpt = None) -> None:
+    """The report card: held-out numbers, answers to fixed prompts and curves, from the stored runs."""
+    from instar import report
+    from instar.report_card import report as report_card
+
+    report_card(open_store(db), run, report.console, html)
+
+
+@app.command("export")
+def export_cmd(out: Annotated[Path, typer.Option("--out", "-o", help="GGUF file or folder to write.")],
+               run: RunArg = None,
+               fmt: Annotated[str, typer.Option("--format", "-f", help="hf or gguf.")] = "gguf",
+               dtype: Annotated[str, typer.Option(help="GGUF tensor type: f16 or f32.")] = "f16",
+               db: DbOpt = None) -> None:
+    """Export a run's model: a Hugging Face directory, or a GGUF file + Ollama Modelfile."""
+    from instar import report
+    from instar.export import export
+    from instar.report_card import resolve_model
+    from instar.train.common import model_dir
+
+    for path in export(model_dir(resolve_model(open_store(db), run)), fmt, out, dtype):
+        report.console.print(f"wrote {path}")
+
+
+@app.command("chat")
+def chat_cmd(run: RunArg = None,
+             temperature: Annotated[float, typer.Option(help="Sampling temperature (0 = greedy).")] = 0.7,
+             max_tokens: Annotated[int, typer.Option(help="Longest reply, in tokens.")] = 200,
+             system: Annotated[Optional[str], typer.Option(help="A system prompt.")] = None,
+             db: DbOpt = None) -> None:
+    """Chat in the terminal with any stage's model (`/reset` forgets, `/exit` or Ctrl-D quits)."""
+    from instar import report
+    from instar.chat import chat
+    from instar.report_card import resolve_model
+
+    chat(resolve_model(open_store(db), run), sys.stdin, report.console, max_new_tokens=max_tokens,
+         temperature=temperature, system=system)
 
 
 if __name__ == "__main__":
