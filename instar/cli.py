@@ -170,7 +170,7 @@ def eval_cmd(checkpoint: Annotated[str, typer.Argument(help="Run directory, HF m
     report.render_eval(evaluate_file(checkpoint, data, batch_size=batch_size, max_len=max_len), as_json=json_)
 
 
-# -- report, export, chat, run ------------------------------------------------------------------------
+# -- report, export, chat -----------------------------------------------------------------------------
 RunArg = Annotated[Optional[str], typer.Argument(help="Run id or run directory [default: the latest run].")]
 
 
