@@ -124,6 +124,32 @@ def test_batched_generation_matches_one_by_one(tok):
     assert s1 == generate(model, tok, prompts, max_new_tokens=6, temperature=1.0, seed=7).texts
 
 
+def test_generation_equals_hf_generate_with_rows_stopping_at_different_steps(tok):
+    """The plain decode loop drops stopped rows from the batch; its tokens must still be HF `generate`'s, greedy
+    and seeded top-k sampling alike (same RNG stream), with the width set by the last row to stop."""
+    model = tiny_model(tok)
+    with torch.no_grad():  # a loud stop-token embedding (tied to the head) makes rows stop at different steps
+        model.model.embed_tokens.weight[stop_ids(tok)[0]] *= 24
+    qs = ["What is 2 plus 3?", "the cat sees a red ball and the dog likes some bread?", "hi",
+          "Tell me a story about the sea", "7 + 5", "Who are you?"]
+    prompts = [render_chat(tok, [{"role": "user", "content": q}], add_generation_prompt=True)[0] for q in qs]
+    P, pad = max(len(p) for p in prompts), tok.pad_token_id
+    ids = torch.tensor([[pad] * (P - len(p)) + p for p in prompts])
+    att = (torch.arange(P)[None] >= torch.tensor([P - len(p) for p in prompts])[:, None]).long()
+    for temperature, top_k in ((0.0, None), (1.0, 50)):
+        ours = generate(model, tok, prompts, max_new_tokens=20, temperature=temperature, top_k=top_k, seed=3)
+        kwargs = dict(do_sample=False)
+        if temperature:
+            kwargs = dict(do_sample=True, temperature=temperature, top_k=top_k, top_p=1.0)
+        with torch.random.fork_rng():
+            torch.manual_seed(3)
+            hf = model.generate(input_ids=ids, attention_mask=att, max_new_tokens=20, eos_token_id=stop_ids(tok),
+                                pad_token_id=pad, **kwargs)[:, P:]
+        lengths = ours.completion_mask.sum(1)
+        assert len(set(lengths.tolist())) >= 3 and int(lengths.min()) < 20        # stops really differ
+        assert torch.equal(ours.completion_ids, torch.where(ours.completion_mask.bool(), hf, pad))
+
+
 def test_lora_merge_gives_the_same_logits(tok):
     model = wrap_lora(tiny_model(tok), TrainConfig(lora_r=4, lora_alpha=8))
     torch.manual_seed(3)
