@@ -11,6 +11,7 @@ import torch
 from instar.train.grpo import Config, Curriculum, Problems, group_advantages, grpo_loss, k3_kl
 from instar.train.rewards import (FORMAT_BONUS, correctness_reward, extract_answer, format_reward, math_messages,
                                   score)
+from train_fixtures import unchanged_params
 
 
 # --- advantages and loss ------------------------------------------------------------------------------------
@@ -226,11 +227,6 @@ def test_grpo_raises_held_out_accuracy(arith_world, tmp_path):
         assert len(runs.metric_series(store, summary["run_id"], name)) == 15, name
 
 
-def params_unchanged(before, after) -> list[str]:
-    a = dict(after.named_parameters())
-    return [n for n, p in before.named_parameters() if torch.equal(p, a[n])]
-
-
 def test_every_trainable_parameter_changes_and_loss_is_finite(arith_world, tmp_path):
     from instar.datasets import runs
     from instar.train import run_stage
@@ -241,7 +237,7 @@ def test_every_trainable_parameter_changes_and_loss_is_finite(arith_world, tmp_p
     summary = run_stage("grpo", None, [f"model={sft}", f"out={out}", "max_steps=2", "lr=1e-3", "eval_problems=8",
                                        "eval_every=1", "epochs=2"] + GRPO_FAST, store)
     before, after = load_model(sft)[0], load_model(out)[0]
-    assert params_unchanged(before, after) == []
+    assert unchanged_params(before, after) == []
     series = {n: runs.metric_series(store, summary["run_id"], n) for n in ("rollout_reward", "kl", "clip_frac")}
     assert all(math.isfinite(v) for values in series.values() for _, v in values)
     assert series["kl"][-1][1] > 0  # the policy moved away from the reference
@@ -321,7 +317,7 @@ def test_lora_policy_uses_its_disabled_adapter_as_reference(arith_world, tmp_pat
     kl = runs.metric_series(store, summary["run_id"], "kl")
     assert kl[0][1] < 1e-3 < kl[-1][1]  # step 1 rolls out before any update: policy == reference
     before, after = load_model(sft)[0], load_model(out)[0]  # model/ is a plain, merged model
-    assert params_unchanged(before, after) != [] and len(params_unchanged(before, after)) < len(list(before.parameters()))
+    assert unchanged_params(before, after) != [] and len(unchanged_params(before, after)) < len(list(before.parameters()))
 
 
 def test_store_source_trains_on_the_train_split_and_holds_out_val(arith_world, tmp_path):

@@ -14,12 +14,7 @@ from instar.datasets import runs
 from instar.errors import ConfigError, InstarError
 from instar.train import load_stage_config, run_stage
 from test_pref_world import world  # noqa: F401  (module-scoped fixture)
-
-
-def params_changed(before, after) -> list[str]:
-    """Names of parameters that did NOT change."""
-    a = dict(after.named_parameters())
-    return [n for n, p in before.named_parameters() if torch.equal(p, a[n])]
+from train_fixtures import unchanged_params
 
 
 # --- reward model ------------------------------------------------------------------------------------------
@@ -38,7 +33,7 @@ def test_reward_model_learns_planted_preference(world, tmp_path):
     assert json.loads((out / "summary.json").read_text())["end"] == summary["end"]
     assert runs.get_run(store, summary["run_id"])["summary"]["end"]["pair_accuracy"] == summary["end"]["pair_accuracy"]
     after, tok = load_reward_model(str(out))  # a loadable sequence-classification model
-    assert params_changed(before, after) == []
+    assert unchanged_params(before, after) == []
     # the saved model scores through plain HF forward, pooled at the last non-pad token
     ids = tok("<|im_start|>assistant\nthe banana<|im_end|>", add_special_tokens=False)["input_ids"]
     padded = torch.tensor([ids + [tok.pad_token_id] * 3])
@@ -93,7 +88,7 @@ def test_dpo_starts_at_ln2_and_learns(world, tmp_path):
     assert (out / "reference.pt").exists()
     before, _ = load_model(base)
     after, _ = load_model(out)
-    assert params_changed(before, after) == []
+    assert unchanged_params(before, after) == []
     assert run_stage("dpo", None, sets, store).get("already_done")  # a finished run is not retrained
 
 
@@ -146,7 +141,7 @@ def test_ppo_raises_planted_reward_with_bounded_kl(world, tmp_path):
         assert runs.metric_series(store, summary["run_id"], name), name
     assert any(r["reward"] is not None for r in runs.run_samples(store, summary["run_id"]))
     after, _ = load_model(out)
-    assert params_changed(before, after) == []
+    assert unchanged_params(before, after) == []
     head = load_file(str(out / "checkpoint" / "model.safetensors"))["value_head.weight"]
     assert head.abs().sum() > 0  # zero-initialised, so it trained
 

@@ -53,3 +53,11 @@ def tiny_model(tok, seed: int = 0):
 
 # Fast settings for a few-step run: small rows, fp32 off the clock, no mid-run checkpoints.
 FAST = ["batch_size=8", "max_len=64", "log_every=1", "eval_batches=2", "sample_tokens=8"]
+
+
+def unchanged_params(before, after) -> list[str]:
+    """Names of the parameters equal in `before` and `after` (a smoke test wants this empty)."""
+    import torch
+
+    a = dict(after.named_parameters())
+    return [n for n, p in before.named_parameters() if torch.equal(p, a[n])]
