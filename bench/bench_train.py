@@ -28,8 +28,9 @@ import tempfile
 import time
 from pathlib import Path
 
-# Before torch loads OpenMP: spinning OpenMP threads cost 4x on this shared 2-core box (see instar/train/__init__).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from instar import choose_openmp_wait_policy  # noqa: E402
+
+choose_openmp_wait_policy()  # before torch loads OpenMP: PASSIVE on a busy machine, spin on a quiet one
 
 import torch  # noqa: E402
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
 
+from instar import choose_openmp_wait_policy
 from instar.errors import InstarError
 
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -65,9 +66,9 @@ _SAFE_CHAR_RULE = r'char ::= [^"\\\x00-\x1F]'
 
 
 def import_llama_cpp():
-    """Import llama_cpp with OMP_WAIT_POLICY=PASSIVE set first: without it the first grammar-constrained call
-    stalled 10-200 s in 11 of 12 fresh processes (FIELD-NOTES). Every import of llama_cpp goes through here."""
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    """Import llama_cpp with OMP_WAIT_POLICY=PASSIVE set first (`instar.choose_openmp_wait_policy`). Every import
+    of llama_cpp goes through here; `instar run` and `instar generate` also choose before torch can load OpenMP."""
+    choose_openmp_wait_policy(llama_cpp=True)
     import llama_cpp
     import llama_cpp.llama_grammar
 

@@ -9,13 +9,12 @@ stage's keys at the top level or under a `[train.<stage>]` / `[<stage>]` table (
 from __future__ import annotations
 
 import importlib
-import os
 from pathlib import Path
 
-# Before torch loads OpenMP (stage modules import it lazily, after this): with the default spinning wait policy
-# a tiny-preset step took 1.20 s instead of 0.31 s on this shared 2-core machine under load (measured, 2 runs
-# each); idle threads that sleep cost nothing measurable when the machine is quiet.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from instar import choose_openmp_wait_policy
+
+# Before torch loads OpenMP (stage modules import it lazily, after this): spin or sleep, by the machine's load.
+choose_openmp_wait_policy()
 
 from instar.errors import ConfigError
 

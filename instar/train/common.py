@@ -31,6 +31,7 @@ shift from "logits at t predict token t+1" happens only inside `token_logprobs`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -401,6 +402,20 @@ class Generation:
     completion_mask: torch.Tensor    # [B, C] 1 up to and including the stop token
 
 
+SHORT_ATTENTION = 128  # tokens; see attention_kernel
+
+
+def attention_kernel(device: torch.device, length: int):
+    """PyTorch's plain ("math") attention kernel for sequences up to SHORT_ATTENTION tokens under CPU bf16
+    autocast, where its flash kernel is the slower one: forward+backward 1.1-1.5x faster with math at 24-128
+    tokens for the tiny and small presets, and GRPO's update 1.7x (`bench/bench_attention.py`); at 256 tokens the
+    two are even (tiny) or flash is ahead (small, 0.9x). Elsewhere (fp32, CUDA, long rows) PyTorch chooses."""
+    if device.type == "cpu" and torch.is_autocast_enabled("cpu") and length <= SHORT_ATTENTION:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        return sdpa_kernel(SDPBackend.MATH)
+    return contextlib.nullcontext()
+
+
 @torch.no_grad()
 def generate(model, tok, prompts: list[list[int]] | list[str], max_new_tokens: int = 64, temperature: float = 0.0,
              top_k: int | None = None, seed: int | None = None) -> Generation:
@@ -422,7 +437,8 @@ def generate(model, tok, prompts: list[list[int]] | list[str], max_new_tokens: i
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         if seed is not None:
             torch.manual_seed(seed)
-        comp = _decode(m, ids, att, max_new_tokens, temperature, top_k, stops, pad)
+        with attention_kernel(device, P + max_new_tokens):
+            comp = _decode(m, ids, att, max_new_tokens, temperature, top_k, stops, pad)
     m.train(was_training)
     is_stop = torch.isin(comp, stops)
     # 1 up to and including the first stop token; everything after it is padding.

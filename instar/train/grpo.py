@@ -236,7 +236,8 @@ def update(model, ref, opt, sched, cfg: Config, ro: dict, device, bf16: bool) ->
     chunks = [keep[i:i + cfg.micro_batch] for i in range(0, len(keep), cfg.micro_batch)]
     part = lambda idx: {k: v[idx] for k, v in seqs.items()}  # noqa: E731
     total = float(seqs["completion_mask"][keep].sum())
-    with torch.no_grad(), autocast(device, bf16):
+    length = seqs["prompt_ids"].shape[1] + seqs["completion_ids"].shape[1]
+    with torch.no_grad(), autocast(device, bf16, length):
         old = [completion_logprobs(model, part(c), cfg.temperature) for c in chunks] if cfg.epochs > 1 else None
         refs = [completion_logprobs(ref, part(c), cfg.temperature) for c in chunks] if ref is not None else None
     adv = ro["adv"].to(device)
@@ -244,7 +245,7 @@ def update(model, ref, opt, sched, cfg: Config, ro: dict, device, bf16: bool) ->
     for epoch in range(cfg.epochs):
         for j, c in enumerate(chunks):
             b = part(c)
-            with autocast(device, bf16):
+            with autocast(device, bf16, length):
                 logp = completion_logprobs(model, b, cfg.temperature)
             mask = b["completion_mask"].float()
             loss, m = grpo_loss(logp, old[j] if old else logp.detach(), refs[j] if refs else None, adv[c], mask,

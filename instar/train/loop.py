@@ -37,7 +37,7 @@ import torch
 
 from instar.datasets import runs
 from instar.errors import InstarError
-from instar.train.common import (TrainConfig, load_checkpoint, report_samples, resolve_device, save_checkpoint,
+from instar.train.common import (TrainConfig, attention_kernel, load_checkpoint, report_samples, resolve_device, save_checkpoint,
                                  save_model, unwrap, use_bf16, write_summary)
 
 
@@ -78,8 +78,14 @@ def optimizer_step(model, opt, sched, cfg: TrainConfig) -> float:
     return norm
 
 
-def autocast(device: torch.device, bf16: bool):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+def autocast(device: torch.device, bf16: bool, length: int | None = None):
+    """bf16 autocast when `bf16`; given the batch's sequence `length`, also the faster attention kernel for it
+    (`common.attention_kernel`)."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16))
+    if length is not None:
+        stack.enter_context(attention_kernel(device, length))
+    return stack
 
 
 def rng_state() -> dict:
@@ -277,7 +283,8 @@ def _steps(s, model, ddp, opt, sched, step, batch_at, loss_fn, evaluate, start, 
             batch = batch_at((step * cfg.grad_accum + micro) * s.world + s.rank)
             batch = {k: v.to(s.device) for k, v in batch.items()}
             sync = micro == cfg.grad_accum - 1 or s.world == 1
-            with (contextlib.nullcontext() if sync else ddp.no_sync()), autocast(s.device, s.bf16):
+            with (contextlib.nullcontext() if sync else ddp.no_sync()), \
+                    autocast(s.device, s.bf16, batch["input_ids"].shape[1]):
                 loss = loss_fn(ddp, batch)
             (loss / cfg.grad_accum).backward()
             total_loss += float(loss.detach()) / cfg.grad_accum

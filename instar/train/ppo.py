@@ -114,7 +114,7 @@ def rollout(policy, reference: Callable, scorer: Scorer, tok, prompts: list[list
     masks = [[0] * len(p) + [1] * n for p, n in zip(prompts, lengths)]
     batch = {k: v.to(device) for k, v in collate(seqs, masks, tok.pad_token_id).items()}
     mask = (batch["labels"] != -100).float()               # [B, T] response tokens
-    with autocast(device, bf16):
+    with autocast(device, bf16, batch["input_ids"].shape[1]):
         logits, values = policy(batch["input_ids"], batch["attention_mask"])
         logp = token_logprobs(logits, batch["labels"], cfg.temperature)
         ref_logp = token_logprobs(reference(batch), batch["labels"], cfg.temperature)
@@ -138,7 +138,7 @@ def ppo_update(policy, opt, sched, r: dict, cfg: Config, device, bf16: bool, gen
     for _ in range(cfg.ppo_epochs):
         for mb in torch.randperm(B, generator=gen).split(cfg.mini_batch_size):
             m = r["mask"][mb]
-            with autocast(device, bf16):
+            with autocast(device, bf16, r["input_ids"].shape[1]):
                 logits, values = policy(r["input_ids"][mb], r["attention_mask"][mb])
             logp = token_logprobs(logits, r["labels"][mb], cfg.temperature)
             pg_loss, pm = ppo_policy_loss(logp, r["old_logp"][mb], r["adv"][mb], m, cfg.clip)
