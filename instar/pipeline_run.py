@@ -26,6 +26,7 @@ from typing import Literal
 
 from pydantic import Field
 
+from instar import choose_openmp_wait_policy
 from instar.config import StrictConfig, load_config, validate
 from instar.datasets import runs
 from instar.errors import ConfigError, InstarError
@@ -185,32 +186,41 @@ def math_conversations(store, count: int, seed: int, grpo_cfg, console) -> int:
 
 def swap_pairs(store, target: int, seed: int) -> int:
     """Preference pairs without a judge: chosen = a stored conversation's own last answer, rejected = the answer
-    of another, randomly drawn conversation. The reward model learns "answers this prompt" — a signal a weak
-    teacher gives reliably (the embedded 135M judge tied in 11 of 13 tries here)."""
+    of another, randomly drawn conversation OF THE SAME KIND — a chat answer for a chat prompt, another math
+    problem's worked solution for a math prompt (right form, wrong numbers). The reward model learns "answers
+    this prompt", a signal a weak teacher gives reliably (the embedded 135M judge tied in 11 of 13 tries here);
+    with math in the mix, PPO's prompts include math and its reward favours on-topic working, so stage 3 does
+    not unlearn the arithmetic stage 4 builds on. The two kinds alternate, so neither crowds the other out."""
+    import itertools
     import random
 
     from instar.datasets.store import Provenance, record_id, split_of
     from instar.train.rewards import extract_answer
 
-    # Not the math conversations (their replies end in an "Answer: N" line): a swapped number is no preference.
-    convs = [r["messages"] for r in store.records("messages") if extract_answer(r["messages"][-1]["content"]) is None]
     need = target - store.count("preference")
-    if need <= 0 or len(convs) < 2:
+    if need <= 0:
         return 0
     rng = random.Random(seed)
-    candidates = []
-    for conv in convs:  # every conversation with up to 16 random partners: plenty of distinct pairs
-        for j in rng.sample(range(len(convs)), min(16, len(convs))):
-            if convs[j][-1]["content"] != conv[-1]["content"]:
-                candidates.append({"prompt": conv[:-1], "chosen": conv[-1]["content"],
-                                   "rejected": convs[j][-1]["content"]})
-    rng.shuffle(candidates)
+    convs = [r["messages"] for r in store.records("messages")]
+    kinds = [[c for c in convs if extract_answer(c[-1]["content"]) is None],       # chat
+             [c for c in convs if extract_answer(c[-1]["content"]) is not None]]   # math
+    per_kind = []
+    for group in kinds:
+        candidates = []
+        for conv in group:  # every conversation with up to 32 random partners: plenty of distinct pairs
+            for j in rng.sample(range(len(group)), min(32, len(group))):
+                if group[j][-1]["content"] != conv[-1]["content"]:
+                    candidates.append({"prompt": conv[:-1], "chosen": conv[-1]["content"],
+                                       "rejected": group[j][-1]["content"]})
+        rng.shuffle(candidates)
+        per_kind.append(candidates)
+    candidates = [c for pair in itertools.zip_longest(*per_kind) for c in pair if c is not None]
     pairs = candidates[:need]
     # Small targets can miss the 5% val split; swap one val pair in so reward/DPO have a held-out set.
     in_val = [c for c in candidates if split_of(record_id("preference", c)) == "val"]
     if in_val and store.count("preference", "val") == 0 and not any(c in in_val for c in pairs):
         pairs[-1] = in_val[0]
-    return store.add("preference", pairs, Provenance(source="procedural", template="swap-v1", seed=seed)).inserted
+    return store.add("preference", pairs, Provenance(source="procedural", template="swap-v2", seed=seed)).inserted
 
 
 def check_splits(store, stages: list[str]) -> None:
@@ -254,6 +264,8 @@ def adopt(store, stage_out: Path, parent_id: str) -> str | None:
 
 def run_pipeline(cfg: PipelineConfig, store, console) -> dict:
     """Data, then every stage in order, then the report card and exports; return the pipeline summary."""
+    # Before `instar.train` loads torch: the teacher may be llama.cpp, which needs OpenMP's PASSIVE policy.
+    choose_openmp_wait_policy(llama_cpp=cfg.teacher.backend in ("embedded", "llamacpp"))
     from instar.report_card import report
     from instar.train import stage_module
 

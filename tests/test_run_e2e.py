@@ -173,5 +173,9 @@ def test_math_sft_excludes_grpo_held_out_problems_and_swap_pairs_reach_val(store
     assert n == store.count("messages") > 50 and not asked & held
     store.add("messages", conversations(12), Provenance(source="import"))
     assert swap_pairs(store, 20, 0) == 20 and store.count("preference", "val") >= 1
-    for pair in store.records("preference"):
-        assert pair["chosen"] != pair["rejected"] and "Answer:" not in pair["chosen"] + pair["rejected"]
+    pairs = store.records("preference")
+    for pair in pairs:  # same kind on both sides: math with math, chat with chat
+        assert pair["chosen"] != pair["rejected"]
+        assert ("Answer:" in pair["chosen"]) == ("Answer:" in pair["rejected"])
+        assert ("Answer:" in pair["chosen"]) == (pair["prompt"][-1]["content"] in asked)
+    assert sum("Answer:" in p["chosen"] for p in pairs) == 10  # the two kinds alternate
