@@ -2,12 +2,14 @@
 
     .venv/bin/python bench/bench_grpo.py                      # ~6 min on 2 cores: world, then 3 x (instar, TRL)
     .venv/bin/python bench/bench_grpo.py --steps 20 --every 5 --repeats 1
+    .venv/bin/python bench/bench_grpo.py --steps 20 --every 20 --batch 16 --group 16   # `instar run`'s step shape
 
 The world is the one `tests/test_grpo.py` trains on (a ~1M-param tiny preset taken through `instar train
 pretrain` and `sft` on single-digit sums whose replies end 40% in `Answer: N` and 60% in "The answer is N."),
 rebuilt here so the benchmark does not import the tests. Both trainers then start from the same SFT directory
 with the same prompts (the bare question as one user turn, rendered by the same chat template), the same reward
-(`instar.train.rewards.score`: correctness 1.0 + format 0.1), group size 8, 8 prompts per step, 24 new tokens,
+(`instar.train.rewards.score`: correctness 1.0 + format 0.1), group size 8, 8 prompts per step (`--group`,
+`--batch`), 24 new tokens,
 temperature 0.7, lr 1e-4 constant-then-cosine as each trainer does it, bf16 autocast, beta 0 and no std scaling
 (TRL `scale_rewards="none"`, `loss_type="dapo"`: the formulation instar implements). instar runs with
 `log_kl=false` so neither side pays for a reference forward.
@@ -15,7 +17,8 @@ Timing: seconds per step are medians after the first 3 steps — instar's from i
 TRL's from a callback's on_step_begin/on_step_end. Held-out greedy pass@1 (the same 59 problems, the same
 `grpo.evaluate_math`) every `--every` steps; evaluation time is excluded from both clocks.
 Each side runs `--repeats` times, alternating, because single runs on the shared 2-core box swung the ratio
-from 0.6x to 1.4x. Simplifications: TRL scores truncated
+from 0.6x to 1.4x. OpenMP's wait policy is chosen as `instar train` chooses it (spin on a quiet machine, PASSIVE on a
+busy one; `instar.choose_openmp_wait_policy`) and holds for both trainers: they share the process. Simplifications: TRL scores truncated
 completions by their text (instar gives them 0), which matters little here (completions stop after ~11 tokens).
 """
 
@@ -117,7 +120,7 @@ def run_trl(sft: Path, out: Path, heldout: list[dict], problems: list[dict], ste
                 self.acc.append((state.global_step, sum(self.secs), accuracy(model)))
 
     clock = Clock()
-    args = GRPOConfig(output_dir=str(out), max_steps=steps, per_device_train_batch_size=SHARED["batch_size"] * 8,
+    args = GRPOConfig(output_dir=str(out), max_steps=steps, per_device_train_batch_size=SHARED["batch_size"] * SHARED["group_size"],
                       num_generations=SHARED["group_size"], max_completion_length=SHARED["max_new_tokens"],
                       temperature=SHARED["temperature"], learning_rate=SHARED["lr"], beta=0.0, loss_type="dapo",
                       scale_rewards="none", bf16=True, use_cpu=True, report_to=[], save_strategy="no",
@@ -133,8 +136,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--every", type=int, default=10)
     ap.add_argument("--repeats", type=int, default=3, help="instar/TRL pairs, run alternately.")
+    ap.add_argument("--batch", type=int, default=SHARED["batch_size"], help="Problems per step.")
+    ap.add_argument("--group", type=int, default=SHARED["group_size"], help="Completions per problem.")
     ap.add_argument("--json", type=Path, help="Also write the results here.")
     a = ap.parse_args()
+    SHARED.update(batch_size=a.batch, group_size=a.group)
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -158,12 +158,12 @@ def test_stages_are_chained_through_run_directories():
     assert list(dpo) == ["pretrain", "sft", "dpo", "grpo"] and dpo["grpo"].model == "x/dpo"
 
 
-def test_math_sft_excludes_grpo_held_out_problems_and_swap_pairs_reach_val(store):
+def test_math_sft_excludes_grpo_held_out_problems_and_procedural_pairs_reach_val(store):
     import io
 
     from rich.console import Console
 
-    from instar.pipeline_run import load_pipeline_config, math_conversations, stage_configs, swap_pairs
+    from instar.pipeline_run import load_pipeline_config, math_conversations, procedural_pairs, stage_configs
     from instar.train.grpo import Problems
 
     grpo = stage_configs(load_pipeline_config(None, []))["grpo"]
@@ -172,10 +172,25 @@ def test_math_sft_excludes_grpo_held_out_problems_and_swap_pairs_reach_val(store
     asked = {m["messages"][0]["content"] for m in store.records("messages")}
     assert n == store.count("messages") > 50 and not asked & held
     store.add("messages", conversations(12), Provenance(source="import"))
-    assert swap_pairs(store, 20, 0) == 20 and store.count("preference", "val") >= 1
+    assert procedural_pairs(store, 40, 0) == 40 and store.count("preference", "val") >= 1
+    answers = {c["messages"][-1]["content"] for c in conversations(12)}
     pairs = store.records("preference")
-    for pair in pairs:  # same kind on both sides: math with math, chat with chat
-        assert pair["chosen"] != pair["rejected"]
-        assert ("Answer:" in pair["chosen"]) == ("Answer:" in pair["rejected"])
-        assert ("Answer:" in pair["chosen"]) == (pair["prompt"][-1]["content"] in asked)
-    assert sum("Answer:" in p["chosen"] for p in pairs) == 10  # the two kinds alternate
+    for pair in pairs:  # chat only: a math reply's swapped number is no preference PPO should chase
+        assert pair["chosen"] in answers and pair["chosen"] != pair["rejected"]
+        assert "Answer:" not in pair["chosen"] + pair["rejected"]
+    swapped = sum(p["rejected"] in answers for p in pairs)
+    assert 10 <= swapped <= 30  # about half swapped, half damaged
+
+
+def test_damage_breaks_an_answer_three_ways():
+    import random
+
+    from instar.pipeline_run import damage
+
+    text = "The cat sat on the mat because it was warm there."
+    looped, shuffled, cut = (damage(text, how, random.Random(0)) for how in range(3))
+    assert looped.split()[0] == "The" and len(looped.split()) >= len(text.split()) and looped != text
+    first = looped.split()[:2]
+    assert looped.split()[len(looped.split()) // 2:][:2] != [] and looped.count(" ".join(first)) >= 2
+    assert sorted(shuffled.split()) == sorted(text.split()) and shuffled != text
+    assert text.startswith(cut) and 1 <= len(cut.split()) < len(text.split())
