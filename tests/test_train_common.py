@@ -2,6 +2,7 @@
 the one log-prob shift, batched generation, LoRA merge, checkpoints. No training here (see test_train_stages)."""
 
 import math
+import os
 
 import pytest
 import torch
@@ -177,3 +178,53 @@ def test_checkpoint_round_trip_and_corruption(tok, tmp_path):
     (tmp_path / "ckpt" / "model.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(InstarError, match="corrupt or incompatible checkpoint"):
         load_checkpoint(tmp_path / "ckpt", other)
+
+
+def test_short_rows_under_cpu_bf16_get_the_math_attention_kernel_with_the_same_loss(tok):
+    """`attention_kernel` switches only where it was measured faster (CPU, bf16 autocast, <= 128 tokens), and the
+    switch changes nothing but rounding: the loss matches the default kernel's to bf16 precision."""
+    import contextlib
+
+    from instar.train.common import SHORT_ATTENTION, attention_kernel
+    from instar.train.loop import autocast
+
+    cpu = torch.device("cpu")
+    assert isinstance(attention_kernel(cpu, 64), contextlib.nullcontext)  # fp32: PyTorch chooses
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not isinstance(attention_kernel(cpu, SHORT_ATTENTION), contextlib.nullcontext)
+        assert isinstance(attention_kernel(cpu, SHORT_ATTENTION + 1), contextlib.nullcontext)
+    model = tiny_model(tok)
+    ids = torch.randint(0, len(tok), (4, 48), generator=torch.Generator().manual_seed(0))
+    losses = []
+    for length in (None, 48):  # default kernel, then the math kernel
+        with torch.no_grad(), autocast(cpu, True, length):
+            losses.append(float(model(input_ids=ids, labels=ids).loss))
+    assert abs(losses[0] - losses[1]) < 2e-2 * abs(losses[0]), losses
+
+
+def test_openmp_wait_policy_sleeps_for_llama_cpp_or_a_busy_machine_and_keeps_the_users_choice(monkeypatch):
+    import instar
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.setattr(instar, "_cpu_busy", lambda: False)
+    assert instar.choose_openmp_wait_policy() == "default" and "OMP_WAIT_POLICY" not in os.environ
+    assert instar.choose_openmp_wait_policy(llama_cpp=True) == "PASSIVE"
+    monkeypatch.delenv("OMP_WAIT_POLICY")
+    monkeypatch.setattr(instar, "_cpu_busy", lambda: True)
+    assert instar.choose_openmp_wait_policy() == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    assert instar.choose_openmp_wait_policy(llama_cpp=True) == "ACTIVE"
+
+
+def test_cpu_busy_sees_a_spinning_process():
+    import subprocess
+    import sys
+
+    import instar
+
+    spin = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        assert instar._cpu_busy(window=0.5)
+    finally:
+        spin.kill()
+        spin.wait()

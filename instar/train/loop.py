@@ -37,8 +37,8 @@ import torch
 
 from instar.datasets import runs
 from instar.errors import InstarError
-from instar.train.common import (TrainConfig, attention_kernel, load_checkpoint, report_samples, resolve_device, save_checkpoint,
-                                 save_model, unwrap, use_bf16, write_summary)
+from instar.train.common import (TrainConfig, attention_kernel, load_checkpoint, report_samples, resolve_device,
+                                 save_checkpoint, save_model, unwrap, use_bf16, write_summary)
 
 
 # --- optimiser, schedule, precision ----------------------------------------------------------------------
