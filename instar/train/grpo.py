@@ -44,8 +44,9 @@ from instar.train.loop import (autocast, make_optimizer, make_scheduler, open_se
                                restore_training_state)
 from instar.train.rewards import INSTRUCTION, math_prompt, score
 
-HELDOUT_SEED = -1  # held-out problems come from seed -1 - cfg.seed; training seeds are >= 0, and questions are
-                   # filtered against the held-out set anyway
+HELDOUT_SEED = -1  # held-out problems come from this seed whatever cfg.seed is: SFT math conversations stored by a
+                   # run with one seed must not contain the held-out problems of a run with another (they did:
+                   # seed 1 on seed 0's database started GRPO at 0.74 instead of ~0.5). Training seeds are >= 0.
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -93,7 +94,7 @@ class Problems:
             unknown = [f for f in cfg.families if f not in FAMILIES]
             if unknown:
                 raise InstarError(f"families: unknown {unknown[0]!r} (expected from {', '.join(FAMILIES)})")
-            raw = make_problems(cfg.eval_problems, HELDOUT_SEED - cfg.seed, cfg.families, cfg.eval_difficulty)
+            raw = make_problems(cfg.eval_problems, HELDOUT_SEED, cfg.families, cfg.eval_difficulty)
             self.heldout = list({r["question"]: r for r in raw}.values())
             self.levels = list(range(1, MAX_DIFFICULTY + 1))
         else:
