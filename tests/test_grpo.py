@@ -363,3 +363,35 @@ def test_held_out_problems_do_not_depend_on_the_seed():
     sets = [{r["question"] for r in Problems(Config(seed=s, families=FAMILIES, eval_difficulty=1), None).heldout}
             for s in (0, 1, 7)]
     assert sets[0] == sets[1] == sets[2] and len(sets[0]) > 10
+
+
+def test_shared_prompt_forward_gives_the_same_log_probs_and_gradients():
+    """completion_logprobs(group=G) runs each group's prompt once and repeats its KV cache: the same function as
+    the plain forward (left padding, varied completion lengths), gradients included."""
+    from instar.train.common import generate
+    from instar.train.grpo import completion_logprobs
+    from train_fixtures import tiny_model, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    model = tiny_model(tok)
+    G = 4
+    prompts = ["What is 2 + 3?", "Tom has 7 apples and eats 2. How many are left now?", "Hi"]
+    gen = generate(model, tok, [p for p in prompts for _ in range(G)], 10, temperature=1.0, seed=0)
+    seqs = {k: getattr(gen, k).clone() for k in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")}
+    for i in range(len(seqs["completion_ids"])):  # rows that stopped at different steps (a random model never does)
+        seqs["completion_mask"][i, 3 + i % 7:] = 0
+        seqs["completion_ids"][i, 3 + i % 7:] = tok.pad_token_id
+
+    def logp_and_grads(group):
+        model.zero_grad()
+        logp = completion_logprobs(model, seqs, 0.7, group)
+        (logp * seqs["completion_mask"]).sum().backward()
+        return logp.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    (plain, g_plain), (shared, g_shared) = logp_and_grads(1), logp_and_grads(G)
+    mask = seqs["completion_mask"].bool()
+    assert torch.allclose(plain[mask], shared[mask], atol=1e-5)
+    for name, g in g_plain.items():
+        assert torch.allclose(g, g_shared[name], atol=1e-5, rtol=1e-4), name
+    seqs["prompt_ids"] = seqs["prompt_ids"].flip(0)  # prompts no longer in runs of G: the plain forward is used
+    assert completion_logprobs(model, seqs, 0.7, G).shape == plain.shape
