@@ -22,8 +22,10 @@ Curriculum: the procedural difficulty (1..5) moves up when the smoothed pass rat
 target_pass + band and down when it falls below target_pass - band, keeping groups mixed (all-wrong groups are
 the usual failure of tiny models: no signal at all). Held-out greedy pass@1 is measured at the start, every
 `eval_every` steps and at the end on problems never used for training.
-Simplifications: `epochs` optimizer steps per rollout batch on the whole batch (no minibatch shuffling); no
-dynamic resampling; one reward mix; the old policy's log-probs are the current ones detached when epochs = 1.
+Speed: the update runs each group's prompt once and shares its KV cache with the G completions (exact; see
+`completion_logprobs`). Simplifications: `epochs` optimizer steps per rollout batch on the whole batch (no
+minibatch shuffling); no dynamic resampling; one reward mix; the old policy's log-probs are the current ones
+detached when epochs = 1.
 """
 
 from __future__ import annotations
