@@ -6,6 +6,7 @@ code (2 for config mistakes); heavy libraries are imported inside the commands, 
 
 from __future__ import annotations
 
+import faulthandler
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -39,6 +40,8 @@ def main() -> None:
 
     from instar.report import err_console
 
+    # A native crash (llama.cpp, torch) still prints where it happened instead of dying silently.
+    faulthandler.enable()
     try:
         code = app(standalone_mode=False)  # returns the code of a `typer.Exit`, and 130 on Ctrl-C
     except InstarError as e:

@@ -15,3 +15,10 @@ class ConfigError(InstarError):
     """A bad config file, key or value. Exit code 2, like a usage error."""
 
     exit_code = 2
+
+
+class SetupError(InstarError):
+    """The machine, a model file or a server cannot do the job (a teacher that crashes on this CPU, a server
+    that is not running): found before any work starts. Exit code 2."""
+
+    exit_code = 2

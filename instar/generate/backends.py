@@ -75,6 +75,58 @@ def import_llama_cpp():
     return llama_cpp
 
 
+def cpu_has_amx(cpuinfo: str | None = None) -> bool:
+    """The CPU reports Intel AMX (Sapphire Rapids and later: `amx_tile` among /proc/cpuinfo's flags)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
+        except OSError:  # not Linux: no AMX kernels are chosen at run time there either
+            return False
+    return any(line.startswith("flags") and "amx_tile" in line.split() for line in cpuinfo.splitlines())
+
+
+def llama_extra_buffers() -> bool:
+    """Whether llama.cpp may put weights in its extra CPU buffer types (the AMX kernels, repacked layouts).
+
+    Off on CPUs that report AMX: there llama-cpp-python 0.3.36, built natively, dies with SIGILL inside
+    `ggml_backend_amx_mul_mat` as soon as a prompt of more than a handful of tokens is evaluated (measured on a
+    2-core Xeon VM, docs/measured-facts.md; also reported upstream), and turning the extra buffer types off was the one
+    switch that fixed it (`-DGGML_AMX=OFF` at build time did not). Elsewhere llama.cpp's default stays: its
+    repacked layouts speed up Q4_0/Q8_0 files on AVX2/AVX-512/ARM. `INSTAR_LLAMA_EXTRA_BUFFERS=on|off` overrides."""
+    choice = os.environ.get("INSTAR_LLAMA_EXTRA_BUFFERS", "auto").strip().lower()
+    if choice in ("on", "off"):
+        return choice == "on"
+    if choice != "auto":
+        raise InstarError(f"INSTAR_LLAMA_EXTRA_BUFFERS must be on, off or auto, not {choice!r}")
+    return not cpu_has_amx()
+
+
+def load_llama(path: Path, *, n_ctx: int, **kwargs):
+    """A `llama_cpp.Llama` for a GGUF file: threads = cores, extra buffer types per `llama_extra_buffers`.
+
+    `Llama(...)` does not expose `use_extra_bufts`; it builds its model parameters from
+    `llama_model_default_params()` at construction, so that one function is wrapped for the call."""
+    llama_cpp = import_llama_cpp()
+    from llama_cpp import llama_cpp as native
+
+    default_params, extra = native.llama_model_default_params, llama_extra_buffers()
+
+    def model_params():
+        params = default_params()
+        params.use_extra_bufts = extra
+        return params
+
+    native.llama_model_default_params = model_params
+    try:
+        # Chat template: llama-cpp-python reads tokenizer.chat_template from the GGUF metadata.
+        return llama_cpp.Llama(str(path), n_ctx=n_ctx, n_threads=os.cpu_count() or 1,
+                               n_threads_batch=os.cpu_count() or 1, verbose=False, **kwargs)
+    except (ValueError, RuntimeError) as e:
+        raise InstarError(f"cannot load GGUF model {path}: {e}") from None
+    finally:
+        native.llama_model_default_params = default_params
+
+
 def schema_grammar(schema: dict) -> str:
     """GBNF for a JSON schema, with control characters excluded from strings and compact length bounds."""
     grammar = import_llama_cpp().llama_grammar
@@ -117,17 +169,14 @@ class LlamaCppBackend:
         self._lock = threading.Lock()
 
     def check(self) -> None:
+        from instar.generate.probe import probe
+
+        probe(self.path, self.n_ctx)  # a native crash on this CPU ends a child process, not this one
         self._load()
 
     def _load(self):
         if self._llm is None:
-            llama_cpp = import_llama_cpp()
-            try:
-                # Chat template: llama-cpp-python reads tokenizer.chat_template from the GGUF metadata.
-                self._llm = llama_cpp.Llama(str(self.path), n_ctx=self.n_ctx, n_threads=os.cpu_count() or 1,
-                                  n_threads_batch=os.cpu_count() or 1, verbose=False)
-            except (ValueError, RuntimeError) as e:
-                raise InstarError(f"cannot load GGUF model {self.path}: {e}") from None
+            self._llm = load_llama(self.path, n_ctx=self.n_ctx)
         return self._llm
 
     def _grammar(self, schema: dict):
