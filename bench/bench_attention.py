@@ -13,7 +13,7 @@ from __future__ import annotations
 import statistics
 import time
 
-from instar import choose_openmp_wait_policy
+from instar.runtime import choose_openmp_wait_policy
 
 choose_openmp_wait_policy()  # before torch loads OpenMP: PASSIVE on a busy machine, spin on a quiet one
 
@@ -21,7 +21,7 @@ import torch  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from instar.train.common import PRESETS  # noqa: E402
+from instar.train.models import PRESETS  # noqa: E402
 
 SHAPES = [(64, 24), (64, 49), (16, 128), (16, 256)]  # (batch, tokens): GRPO/PPO rollouts ... pretraining rows
 

@@ -1,4 +1,4 @@
-"""Rollout decoding: `instar.train.common.generate` (a plain KV-cache loop) against Hugging Face `model.generate`.
+"""Rollout decoding: `instar.train.sampling.generate` (a plain KV-cache loop) against Hugging Face `model.generate`.
 
     .venv/bin/python bench/bench_decode.py                    # tiny preset, 64 rollouts x 48 new tokens (~1 min)
     .venv/bin/python bench/bench_decode.py --world --new 24  # bench_grpo's SFT model and prompts (~2 min)
@@ -17,15 +17,17 @@ import os
 import statistics
 import time
 
-from instar import choose_openmp_wait_policy  # noqa: E402
+from instar.runtime import choose_openmp_wait_policy  # noqa: E402
 
 choose_openmp_wait_policy()  # before torch loads OpenMP: PASSIVE on a busy machine, spin on a quiet one
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from instar.train.common import generate, new_model, render_chat, stop_ids  # noqa: E402
+from instar.train.models import new_model  # noqa: E402
+from instar.train.sampling import generate  # noqa: E402
 from instar.train.tokenizer import train_tokenizer  # noqa: E402
+from instar.train.tokens import render_chat, stop_ids  # noqa: E402
 
 
 def hf_generate(model, tok, prompts, max_new_tokens, temperature, seed):
@@ -58,8 +60,8 @@ def main() -> None:
         from bench_grpo import FAMILIES, build_world
 
         from instar.generate.procedural import make_problems
-        from instar.train.common import load_model
         from instar.train.grpo import math_prompt
+        from instar.train.models import load_model
 
         _, sft, _ = build_world(Path(tempfile.mkdtemp()))
         model, tok = load_model(sft)

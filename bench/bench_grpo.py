@@ -18,7 +18,7 @@ TRL's from a callback's on_step_begin/on_step_end. Held-out greedy pass@1 (the s
 `grpo.evaluate_math`) every `--every` steps; evaluation time is excluded from both clocks.
 Each side runs `--repeats` times, alternating, because single runs on the shared 2-core box swung the ratio
 from 0.6x to 1.4x. OpenMP's wait policy is chosen as `instar train` chooses it (spin on a quiet machine, PASSIVE on a
-busy one; `instar.choose_openmp_wait_policy`) and holds for both trainers: they share the process. Simplifications: TRL scores truncated
+busy one; `instar.runtime.choose_openmp_wait_policy`) and holds for both trainers: they share the process. Simplifications: TRL scores truncated
 completions by their text (instar gives them 0), which matters little here (completions stop after ~11 tokens).
 """
 
@@ -33,7 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from instar import choose_openmp_wait_policy  # noqa: E402
+from instar.runtime import choose_openmp_wait_policy  # noqa: E402
 
 choose_openmp_wait_policy()  # before torch loads OpenMP: PASSIVE on a busy machine, spin on a quiet one
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

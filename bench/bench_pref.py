@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from instar import choose_openmp_wait_policy  # noqa: E402
+from instar.runtime import choose_openmp_wait_policy  # noqa: E402
 
 choose_openmp_wait_policy()  # before torch loads OpenMP: PASSIVE on a busy machine, spin on a quiet one
 
@@ -35,7 +35,7 @@ import torch  # noqa: E402
 
 from instar.datasets.store import Provenance, Store  # noqa: E402
 from instar.train import run_stage  # noqa: E402
-from instar.train.common import PRESETS, new_model, save_model  # noqa: E402
+from instar.train.models import PRESETS, new_model, save_model  # noqa: E402
 from instar.train.tokenizer import train_tokenizer  # noqa: E402
 
 WORDS = ("the a cat dog sun sea tree red blue small big runs sleeps sings eats green old new happy quiet river "

@@ -4,8 +4,8 @@
     instar chat runs/sft             # a run directory, a Hugging Face directory, or embedded-smollm2
     echo "What is 7 + 5?" | instar chat runs/grpo
 
-Each turn renders the whole conversation with the model's ChatML template (`common.render_chat`) and
-samples a reply with `common.generate` (KV cache). `/reset` forgets the conversation; `/exit` or end of input
+Each turn renders the whole conversation with the model's ChatML template (`tokens.render_chat`) and
+samples a reply with `sampling.generate` (KV cache). `/reset` forgets the conversation; `/exit` or end of input
 quits. Deliberately simple: no streaming (tiny models answer in well under a second), and when the
 conversation outgrows the model's context the oldest turns are dropped.
 """
@@ -18,7 +18,9 @@ from typing import TextIO
 def chat(source: str, stream: TextIO, console, *, max_new_tokens: int = 200, temperature: float = 0.7,
          system: str | None = None, seed: int = 0) -> int:
     """Read user lines from `stream` until `/exit` or EOF, print replies on `console`; return turns answered."""
-    from instar.train.common import generate, load_model, render_chat
+    from instar.train.models import load_model
+    from instar.train.sampling import generate
+    from instar.train.tokens import render_chat
 
     model, tok = load_model(source)
     model.eval()

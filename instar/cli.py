@@ -6,7 +6,6 @@ code (2 for config mistakes); heavy libraries are imported inside the commands, 
 
 from __future__ import annotations
 
-import faulthandler
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -38,10 +37,10 @@ def main() -> None:
     from rich.markup import escape
     from typer.exceptions import TyperException  # base of the (vendored) click usage errors
 
+    from instar import runtime
     from instar.report import err_console
 
-    # A native crash (llama.cpp, torch) still prints where it happened instead of dying silently.
-    faulthandler.enable()
+    runtime.start(sys.argv[1:])  # before torch or llama.cpp loads OpenMP
     try:
         code = app(standalone_mode=False)  # returns the code of a `typer.Exit`, and 130 on Ctrl-C
     except InstarError as e:
@@ -198,7 +197,7 @@ def export_cmd(out: Annotated[Path, typer.Option("--out", "-o", help="GGUF file 
     from instar import report
     from instar.export import export
     from instar.report_card import resolve_model
-    from instar.train.common import model_dir
+    from instar.train.models import model_dir
 
     for path in export(model_dir(resolve_model(open_store(db), run)), fmt, out, dtype):
         report.console.print(f"wrote {path}")

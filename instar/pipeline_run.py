@@ -26,10 +26,10 @@ from typing import Literal
 
 from pydantic import Field
 
-from instar import choose_openmp_wait_policy
 from instar.config import StrictConfig, load_config, validate
 from instar.datasets import runs
 from instar.errors import ConfigError, InstarError
+from instar.runtime import choose_openmp_wait_policy
 
 # generate kind -> stored record kind, and the stages that read it
 DATA_KINDS = {"corpus": "text", "instructions": "messages", "preferences": "preference", "math": "math"}

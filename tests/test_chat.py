@@ -17,7 +17,7 @@ def run_dir(tmp_path_factory):
     """A run directory with model/, as a finished stage leaves it (tiny preset, random init)."""
     import torch
 
-    from instar.train.common import new_model, save_model
+    from instar.train.models import new_model, save_model
     from instar.train.tokenizer import train_tokenizer
 
     out = tmp_path_factory.mktemp("chat") / "runs" / "sft"

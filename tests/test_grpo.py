@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 
-from instar.train.grpo import Config, Curriculum, Problems, group_advantages, grpo_loss, k3_kl
+from instar.train.grpo import Config, Curriculum, Problems
+from instar.train.losses import group_advantages, grpo_loss, k3_kl
 from instar.train.rewards import (FORMAT_BONUS, correctness_reward, extract_answer, format_reward, math_messages,
                                   score)
 from train_fixtures import unchanged_params
@@ -231,7 +232,7 @@ def test_grpo_raises_held_out_accuracy(arith_world, tmp_path):
 def test_every_trainable_parameter_changes_and_loss_is_finite(arith_world, tmp_path):
     from instar.datasets import runs
     from instar.train import run_stage
-    from instar.train.common import load_model
+    from instar.train.models import load_model
 
     store, sft = arith_world
     out = tmp_path / "smoke"
@@ -251,7 +252,7 @@ def test_every_trainable_parameter_changes_and_loss_is_finite(arith_world, tmp_p
 
 def test_resume_after_a_crash_matches_an_uninterrupted_run(arith_world, tmp_path, monkeypatch):
     from instar.train import grpo, run_stage
-    from instar.train.common import load_model
+    from instar.train.models import load_model
 
     store, sft = arith_world
     sets = [f"model={sft}", "max_steps=4", "lr=1e-3", "eval_problems=8", "eval_every=0", "log_kl=false"] + GRPO_FAST
@@ -309,7 +310,7 @@ def test_eval_cli_scores_math_records_with_the_reward_functions(arith_world, tmp
 def test_lora_policy_uses_its_disabled_adapter_as_reference(arith_world, tmp_path):
     from instar.datasets import runs
     from instar.train import run_stage
-    from instar.train.common import load_model
+    from instar.train.models import load_model
 
     store, sft = arith_world
     out = tmp_path / "lora"
@@ -368,8 +369,8 @@ def test_held_out_problems_do_not_depend_on_the_seed():
 def test_shared_prompt_forward_gives_the_same_log_probs_and_gradients():
     """completion_logprobs(group=G) runs each group's prompt once and repeats its KV cache: the same function as
     the plain forward (left padding, varied completion lengths), gradients included."""
-    from instar.train.common import generate
     from instar.train.grpo import completion_logprobs
+    from instar.train.sampling import generate
     from train_fixtures import tiny_model, tiny_tokenizer
 
     tok = tiny_tokenizer()

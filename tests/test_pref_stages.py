@@ -50,8 +50,8 @@ def test_reward_refuses_lora(world, tmp_path):
 # --- DPO ---------------------------------------------------------------------------------------------------
 def test_response_logps_one_token_shift(world):
     """Summed response log-probs = sum over response tokens t of log softmax(logits[t-1])[ids[t]], by a loop."""
-    from instar.train.common import load_model
     from instar.train.dpo import response_logps
+    from instar.train.models import load_model
     from instar.train.reward import collate_pairs, pairs_from_store
 
     store, base = world
@@ -70,7 +70,7 @@ def test_response_logps_one_token_shift(world):
 
 
 def test_dpo_starts_at_ln2_and_learns(world, tmp_path):
-    from instar.train.common import load_model
+    from instar.train.models import load_model
 
     store, base = world
     out = tmp_path / "dpo"
@@ -93,7 +93,7 @@ def test_dpo_starts_at_ln2_and_learns(world, tmp_path):
 
 
 def test_dpo_lora_reference_is_the_unchanged_model(world, tmp_path):
-    from instar.train.common import load_model
+    from instar.train.models import load_model
 
     store, base = world
     out = tmp_path / "dpo_lora"
@@ -122,7 +122,7 @@ def test_ppo_raises_planted_reward_with_bounded_kl(world, tmp_path):
     from safetensors.torch import load_file
 
     from instar.train import ppo
-    from instar.train.common import load_model
+    from instar.train.models import load_model
 
     store, base = world
     out = tmp_path / "ppo"
@@ -149,7 +149,8 @@ def test_ppo_raises_planted_reward_with_bounded_kl(world, tmp_path):
 def test_ppo_logprobs_use_the_sampling_temperature(world):
     """rollout's old log-probs (the ratio's denominator and the KL's terms) come from logits / temperature."""
     from instar.train import ppo
-    from instar.train.common import load_model, token_logprobs
+    from instar.train.models import load_model
+    from instar.train.tokens import token_logprobs
 
     store, base = world
     lm, tok = load_model(base)
@@ -182,7 +183,7 @@ def test_ppo_with_trained_reward_model_and_lora(world, tmp_path):
 
 def test_ppo_stops_on_kl_blowup(world, tmp_path):
     from instar.train import ppo
-    from instar.train.common import load_model
+    from instar.train.models import load_model
 
     store, base = world
     _, tok = load_model(base)

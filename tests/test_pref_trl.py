@@ -27,8 +27,8 @@ def test_dpo_loss_and_reward_metrics_match_trl(world, tmp_path):
     from transformers import AutoModelForCausalLM
     from trl import DPOConfig, DPOTrainer
 
-    from instar.train.common import load_model
     from instar.train.dpo import pair_loss, response_logps
+    from instar.train.models import load_model
     from instar.train.reward import render_pairs
 
     store, base = world

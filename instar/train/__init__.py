@@ -1,6 +1,6 @@
 """Training stages behind one entry point: `run_stage("sft", config_path, sets, store) -> summary dict`.
 
-Each stage is a module `instar/train/<stage>.py` with a `Config` (a `common.TrainConfig` subclass) and
+Each stage is a module `instar/train/<stage>.py` with a `Config` (a `config.TrainConfig` subclass) and
 `run(cfg, store) -> summary`; modules are imported lazily so `instar --help` never pays for torch.
 `instar train STAGE [--config FILE] [--set key=value ...]` calls `run_stage`. A config file may hold the
 stage's keys at the top level or under a `[train.<stage>]` / `[<stage>]` table (so one file can serve `instar run`).
@@ -10,11 +10,6 @@ from __future__ import annotations
 
 import importlib
 from pathlib import Path
-
-from instar import choose_openmp_wait_policy
-
-# Before torch loads OpenMP (stage modules import it lazily, after this): spin or sleep, by the machine's load.
-choose_openmp_wait_policy()
 
 from instar.errors import ConfigError
 
@@ -56,7 +51,7 @@ def load_stage_config(stage: str, config_path: Path | None = None, sets: list[st
 
 
 def run_stage(stage: str, config_path: Path | None = None, sets: list[str] | None = None, store=None) -> dict:
-    """Load the stage's Config and run it against `store`; return its summary (see common.TrainConfig)."""
+    """Load the stage's Config and run it against `store`; return its summary (see config.TrainConfig)."""
     cfg = load_stage_config(stage, config_path, sets)
     try:
         return stage_module(stage).run(cfg, store)

@@ -5,7 +5,7 @@
 
 One formulation: the sigmoid loss of Rafailov et al. 2023 (eq. 7), -log sigmoid(beta * (log-ratio chosen -
 log-ratio rejected)), with log-ratio = log pi(y|x) - log ref(y|x) summed over the response tokens only
-(prompt tokens and padding are -100 in the labels, so `common.token_logprobs` gives them 0). The same as TRL's
+(prompt tokens and padding are -100 in the labels, so `tokens.token_logprobs` gives them 0). The same as TRL's
 `DPOTrainer(loss_type="sigmoid")`, which a test checks to 1e-4.
 Reference: the model as loaded, before any update. Its log-probs are computed once, over the train and val
 pairs, and kept in `<out>/reference.pt` (a resumed run reads them back), so no second model is ever held —
@@ -23,10 +23,13 @@ import torch
 from pydantic import Field
 
 from instar.errors import InstarError
-from instar.train.common import Sampler, TrainConfig, finished_summary, load_model, token_logprobs, wrap_lora
-from instar.train.losses import dpo_loss
+from instar.train.checkpoint import finished_summary
+from instar.train.config import TrainConfig
 from instar.train.loop import open_session, train
+from instar.train.losses import dpo_loss
+from instar.train.models import load_model, wrap_lora
 from instar.train.reward import collate_pairs, pairs_from_store
+from instar.train.tokens import Sampler, token_logprobs
 
 
 # ---------------------------------------------------------------------------------------------------------

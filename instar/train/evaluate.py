@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 
 from instar.errors import InstarError
-from instar.train.common import collate, pack_documents, render_chat, token_bytes, token_logprobs
+from instar.train.tokens import collate, pack_documents, render_chat, token_bytes, token_logprobs
 
 
 # --- scoring primitives ----------------------------------------------------------------------------------
@@ -133,7 +133,8 @@ def read_jsonl(path: Path, kind: str | None = None) -> tuple[str, list[dict]]:
 def evaluate_file(checkpoint: str | Path, data: str | Path, kind: str | None = None, batch_size: int = 8,
                   max_len: int = 512, device: str = "auto") -> dict:
     """Score a model (run dir, HF dir or embedded-smollm2) on a JSONL file: {"kind", "n", metrics...}."""
-    from instar.train.common import TrainConfig, load_model, resolve_device, use_bf16
+    from instar.train.config import TrainConfig
+    from instar.train.models import load_model, resolve_device, use_bf16
 
     kind, records = read_jsonl(Path(data), kind)
     if kind not in EVALUATORS:

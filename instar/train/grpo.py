@@ -39,12 +39,15 @@ from pydantic import Field
 
 from instar.errors import InstarError
 from instar.generate.procedural import FAMILIES, MAX_DIFFICULTY, make_problems
-from instar.train.common import (TrainConfig, finished_summary, generate, load_model, render_chat, stop_ids,
-                                 token_logprobs, unwrap, wrap_lora)
-from instar.train.losses import masked_mean, ppo_policy_loss
+from instar.train.checkpoint import finished_summary
+from instar.train.config import TrainConfig
 from instar.train.loop import (autocast, make_optimizer, make_scheduler, open_session, optimizer_step,
                                restore_training_state)
+from instar.train.losses import grpo_loss, group_advantages
+from instar.train.models import load_model, unwrap, wrap_lora
 from instar.train.rewards import INSTRUCTION, math_prompt, score
+from instar.train.sampling import generate
+from instar.train.tokens import render_chat, stop_ids, token_logprobs
 
 HELDOUT_SEED = -1  # held-out problems come from this seed whatever cfg.seed is: SFT math conversations stored by a
                    # run with one seed must not contain the held-out problems of a run with another (they did:
@@ -140,39 +143,6 @@ class Curriculum:
 
 
 # --- loss ------------------------------------------------------------------------------------------------
-def group_advantages(rewards: torch.Tensor, scale: bool = False) -> torch.Tensor:
-    """rewards [P, G] -> advantages [P, G]: r - mean over the group (/ std when `scale`, GRPO's original)."""
-    adv = rewards - rewards.mean(dim=1, keepdim=True)
-    if scale:
-        adv = adv / (rewards.std(dim=1, keepdim=True) + 1e-4)
-    return adv
-
-
-def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
-    """Per-token KL(pi || ref) estimate k3 = exp(q - p) - (q - p) - 1 >= 0 at the sampled token: [B, T]."""
-    d = ref_logp - logp
-    return torch.exp(d) - d - 1
-
-
-def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor | None, adv: torch.Tensor,
-              mask: torch.Tensor, clip: float, beta: float, total_tokens: float) -> tuple[torch.Tensor, dict]:
-    """Clipped surrogate + beta * k3 KL, summed over this micro-batch's tokens / ALL the step's tokens (DAPO).
-
-    logp, old_logp, ref_logp, mask: [B, C] completion tokens; adv: [B] one advantage per completion.
-    Dividing by the step's total token count makes micro-batching exact: the micro-batch losses add up to the
-    token-level mean over the whole step."""
-    n = mask.sum()
-    pg, m = ppo_policy_loss(logp, old_logp, adv[:, None].expand_as(logp), mask, clip)   # mean over n tokens
-    loss = pg * n / total_tokens
-    metrics = {"clip_frac": float(m["clip_frac"]), "tokens": float(n)}
-    if ref_logp is not None:
-        kl = k3_kl(logp, ref_logp)
-        metrics["kl"] = float(masked_mean(kl.detach(), mask))
-        if beta > 0:
-            loss = loss + beta * (kl * mask).sum() / total_tokens
-    return loss, metrics
-
-
 def completion_logprobs(model, seqs: dict, temperature: float, group: int = 1) -> torch.Tensor:
     """Log-probs [B, C] of the completion tokens under `model`, at the sampling temperature.
 

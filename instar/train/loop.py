@@ -11,7 +11,7 @@
 
 `batch_at(i)` returns the i-th micro-batch of the whole run (a pure function of i and the seed), so the data
 position is just the step: rank r of W at step s, micro-batch m reads i = (s * grad_accum + m) * W + r.
-Exact resume = weights + AdamW + scheduler + torch RNG + step, all in `checkpoint/` (see common.save_checkpoint).
+Exact resume = weights + AdamW + scheduler + torch RNG + step, all in `checkpoint/` (see checkpoint.save_checkpoint).
 
 Reusable pieces: `make_optimizer` (AdamW, fused when available, no decay on norms), `make_scheduler` (linear
 warmup then cosine to lr*min_lr_ratio), `optimizer_step` (unscale-free clip + step + zero_grad), `autocast`,
@@ -37,8 +37,10 @@ import torch
 
 from instar.datasets import runs
 from instar.errors import InstarError
-from instar.train.common import (TrainConfig, attention_kernel, load_checkpoint, report_samples, resolve_device,
-                                 save_checkpoint, save_model, unwrap, use_bf16, write_summary)
+from instar.train.checkpoint import load_checkpoint, save_checkpoint, write_summary
+from instar.train.config import TrainConfig
+from instar.train.models import resolve_device, save_model, unwrap, use_bf16
+from instar.train.sampling import attention_kernel, report_samples
 
 
 # --- optimiser, schedule, precision ----------------------------------------------------------------------
@@ -80,7 +82,7 @@ def optimizer_step(model, opt, sched, cfg: TrainConfig) -> float:
 
 def autocast(device: torch.device, bf16: bool, length: int | None = None):
     """bf16 autocast when `bf16`; given the batch's sequence `length`, also the faster attention kernel for it
-    (`common.attention_kernel`)."""
+    (`sampling.attention_kernel`)."""
     stack = contextlib.ExitStack()
     stack.enter_context(torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16))
     if length is not None:

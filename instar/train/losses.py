@@ -1,4 +1,4 @@
-"""Pure tensor losses for stage 3 (reward model, PPO, DPO): no models, no I/O, hand-testable.
+"""Every loss and advantage of stages 3 and 4 as a pure tensor function: no models, no I/O, hand-testable.
 
     bt_loss(r_chosen, r_rejected)                         Bradley-Terry pairwise loss for the reward model
     dpo_loss(pi_c, pi_r, ref_c, ref_r, beta)              sigmoid DPO (Rafailov et al. 2023, eq. 7)
@@ -7,6 +7,9 @@
     ppo_policy_loss / ppo_value_loss                      clipped PPO surrogates (Schulman et al. 2017)
     kl_penalty(logp, ref_logp)                            per-token KL estimate, k1 = log p - log q
     entropy(logits, mask)                                 mean per-token entropy of the sampling distribution
+    group_advantages(rewards, scale)                      GRPO's group-relative advantages (Dr. GRPO: no std)
+    k3_kl(logp, ref_logp)                                 per-token KL estimate k3 (Schulman 2020), >= 0
+    grpo_loss(logp, old, ref, adv, mask, clip, beta, N)   clipped surrogate + beta * k3, token-level (DAPO)
 
 Shapes: B = batch (pairs or rollouts), T = response tokens. A `mask` is 1.0 on real response tokens and
 0.0 on padding, float so it multiplies directly. Every mean over tokens is `masked_mean`: padding never
@@ -129,3 +132,39 @@ def entropy(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     logp = F.log_softmax(logits.float(), dim=-1)
     ent = -(logp.exp() * logp).sum(-1)                                   # (B, T)
     return masked_mean(ent, mask)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# GRPO
+# ---------------------------------------------------------------------------------------------------------
+def group_advantages(rewards: torch.Tensor, scale: bool = False) -> torch.Tensor:
+    """rewards [P, G] -> advantages [P, G]: r - mean over the group (/ std when `scale`, GRPO's original)."""
+    adv = rewards - rewards.mean(dim=1, keepdim=True)
+    if scale:
+        adv = adv / (rewards.std(dim=1, keepdim=True) + 1e-4)
+    return adv
+
+
+def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Per-token KL(pi || ref) estimate k3 = exp(q - p) - (q - p) - 1 >= 0 at the sampled token: [B, T]."""
+    d = ref_logp - logp
+    return torch.exp(d) - d - 1
+
+
+def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor | None, adv: torch.Tensor,
+              mask: torch.Tensor, clip: float, beta: float, total_tokens: float) -> tuple[torch.Tensor, dict]:
+    """Clipped surrogate + beta * k3 KL, summed over this micro-batch's tokens / ALL the step's tokens (DAPO).
+
+    logp, old_logp, ref_logp, mask: [B, C] completion tokens; adv: [B] one advantage per completion.
+    Dividing by the step's total token count makes micro-batching exact: the micro-batch losses add up to the
+    token-level mean over the whole step."""
+    n = mask.sum()
+    pg, m = ppo_policy_loss(logp, old_logp, adv[:, None].expand_as(logp), mask, clip)   # mean over n tokens
+    loss = pg * n / total_tokens
+    metrics = {"clip_frac": float(m["clip_frac"]), "tokens": float(n)}
+    if ref_logp is not None:
+        kl = k3_kl(logp, ref_logp)
+        metrics["kl"] = float(masked_mean(kl.detach(), mask))
+        if beta > 0:
+            loss = loss + beta * (kl * mask).sum() / total_tokens
+    return loss, metrics

@@ -31,11 +31,14 @@ import torch
 from pydantic import Field, model_validator
 
 from instar.errors import ConfigError, InstarError
-from instar.train.common import (Sampler, TrainConfig, collate, finished_summary, generate, load_model, render_chat,
-                                 token_logprobs, wrap_lora)
-from instar.train.losses import entropy, gae, kl_penalty, ppo_policy_loss, ppo_value_loss, whiten
+from instar.train.checkpoint import finished_summary
+from instar.train.config import TrainConfig
 from instar.train.loop import (autocast, make_optimizer, make_scheduler, open_session, optimizer_step,
                                restore_training_state)
+from instar.train.losses import entropy, gae, kl_penalty, ppo_policy_loss, ppo_value_loss, whiten
+from instar.train.models import load_model, wrap_lora
+from instar.train.sampling import generate
+from instar.train.tokens import collate, render_chat, Sampler, token_logprobs
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -17,10 +17,11 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from instar.train.common import (PRESETS, TrainConfig, load_model, lm_loss, new_model, non_embedding_params,
-                                 pack_documents, Sampler, token_bytes)
+from instar.train.config import TrainConfig
 from instar.train.evaluate import score_rows
 from instar.train.loop import barrier, open_session, train
+from instar.train.models import load_model, new_model, non_embedding_params, PRESETS
+from instar.train.tokens import lm_loss, pack_documents, Sampler, token_bytes
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -65,7 +66,7 @@ def loss_fn(model, batch):
 
 # ---------------------------------------------------------------------------------------------------------
 def run(cfg: Config, store) -> dict:
-    from instar.train.common import finished_summary
+    from instar.train.checkpoint import finished_summary
 
     if (done := finished_summary(cfg.out)) is not None:
         return {**done, "already_done": True}

@@ -22,10 +22,13 @@ import torch
 from pydantic import Field
 
 from instar.errors import ConfigError, InstarError
-from instar.train.common import Sampler, TrainConfig, collate, finished_summary, load_model, model_dir
+from instar.train.checkpoint import finished_summary
+from instar.train.config import TrainConfig
 from instar.train.evaluate import render_examples
-from instar.train.losses import bt_loss
 from instar.train.loop import open_session, train
+from instar.train.losses import bt_loss
+from instar.train.models import load_model, model_dir
+from instar.train.tokens import collate, Sampler
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -39,7 +42,7 @@ class Config(TrainConfig):
 
 
 # --- data ------------------------------------------------------------------------------------------------
-Rendered = tuple[list[int], list[int]]  # (ids, response mask), as common.render_chat gives
+Rendered = tuple[list[int], list[int]]  # (ids, response mask), as tokens.render_chat gives
 
 
 def render_pairs(tok, records: list[dict], max_len: int) -> list[tuple[Rendered, Rendered]]:

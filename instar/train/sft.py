@@ -3,7 +3,7 @@
     instar train sft                                          # from runs/pretrain, full fine-tuning
     instar train sft --set model=embedded-smollm2 --set lora=true --set lr=1e-3 --set max_len=512
 
-One renderer (`common.render_chat`, driven by the tokenizer's own chat template) produces both the token ids
+One renderer (`tokens.render_chat`, driven by the tokenizer's own chat template) produces both the token ids
 and the assistant-only loss mask, so they cannot drift: system/user turns and the `<|im_start|>assistant\\n`
 header are never in the loss; the assistant's words and its `<|im_end|>` are, so the model learns to stop
 even where pad == eos (labels come from the mask, never from comparing ids with pad). With `lora = true`,
@@ -19,9 +19,12 @@ from __future__ import annotations
 from pydantic import Field
 
 from instar.errors import InstarError
-from instar.train.common import Sampler, TrainConfig, collate, finished_summary, lm_loss, load_model, wrap_lora
+from instar.train.checkpoint import finished_summary
+from instar.train.config import TrainConfig
 from instar.train.evaluate import render_examples, score_conversations
 from instar.train.loop import open_session, train
+from instar.train.models import load_model, wrap_lora
+from instar.train.tokens import collate, lm_loss, Sampler
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -2,14 +2,16 @@
 the one log-prob shift, batched generation, LoRA merge, checkpoints. No training here (see test_train_stages)."""
 
 import math
-import os
 
 import pytest
 import torch
 
 from instar.errors import InstarError
-from instar.train.common import (collate, generate, lm_loss, load_checkpoint, merge_lora, render_chat,
-                                 save_checkpoint, stop_ids, token_logprobs, wrap_lora, TrainConfig)
+from instar.train.checkpoint import load_checkpoint, save_checkpoint
+from instar.train.config import TrainConfig
+from instar.train.models import merge_lora, wrap_lora
+from instar.train.sampling import generate
+from instar.train.tokens import collate, lm_loss, render_chat, stop_ids, token_logprobs
 from train_fixtures import tiny_model, tiny_tokenizer
 
 CONVERSATION = [
@@ -185,8 +187,8 @@ def test_short_rows_under_cpu_bf16_get_the_math_attention_kernel_with_the_same_l
     switch changes nothing but rounding: the loss matches the default kernel's to bf16 precision."""
     import contextlib
 
-    from instar.train.common import SHORT_ATTENTION, attention_kernel
     from instar.train.loop import autocast
+    from instar.train.sampling import attention_kernel, SHORT_ATTENTION
 
     cpu = torch.device("cpu")
     assert isinstance(attention_kernel(cpu, 64), contextlib.nullcontext)  # fp32: PyTorch chooses
@@ -200,31 +202,3 @@ def test_short_rows_under_cpu_bf16_get_the_math_attention_kernel_with_the_same_l
         with torch.no_grad(), autocast(cpu, True, length):
             losses.append(float(model(input_ids=ids, labels=ids).loss))
     assert abs(losses[0] - losses[1]) < 2e-2 * abs(losses[0]), losses
-
-
-def test_openmp_wait_policy_sleeps_for_llama_cpp_or_a_busy_machine_and_keeps_the_users_choice(monkeypatch):
-    import instar
-
-    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
-    monkeypatch.setattr(instar, "_cpu_busy", lambda: False)
-    assert instar.choose_openmp_wait_policy() == "default" and "OMP_WAIT_POLICY" not in os.environ
-    assert instar.choose_openmp_wait_policy(llama_cpp=True) == "PASSIVE"
-    monkeypatch.delenv("OMP_WAIT_POLICY")
-    monkeypatch.setattr(instar, "_cpu_busy", lambda: True)
-    assert instar.choose_openmp_wait_policy() == "PASSIVE"
-    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
-    assert instar.choose_openmp_wait_policy(llama_cpp=True) == "ACTIVE"
-
-
-def test_cpu_busy_sees_a_spinning_process():
-    import subprocess
-    import sys
-
-    import instar
-
-    spin = subprocess.Popen([sys.executable, "-c", "while True: pass"])
-    try:
-        assert instar._cpu_busy(window=0.5)
-    finally:
-        spin.kill()
-        spin.wait()
