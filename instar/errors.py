@@ -15,3 +15,10 @@ class ConfigError(InstarError):
     """A bad config file, key or value. Exit code 2, like a usage error."""
 
     exit_code = 2
+
+
+class InputError(InstarError):
+    """Input that cannot be used: a missing or unreadable file, an empty folder or topics file, an unreachable
+    server, a model the server does not have. Exit code 2, like a usage error; raised before anything is stored."""
+
+    exit_code = 2

