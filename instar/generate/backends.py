@@ -289,13 +289,13 @@ class OpenAIBackend:
 
     def _trouble(self, host: str, e: Exception) -> Exception:
         """An `openai` exception as InstarError (the user must act: stop the run) or BackendError (this item)."""
-        import httpx
         import openai
 
         if isinstance(e, openai.APITimeoutError):
             return BackendError("timed out")
         if isinstance(e, openai.APIConnectionError):
-            if isinstance(e.__cause__, httpx.ConnectError):
+            # By class name: openai 3 ships its own fork of httpx ("httpx2"), so httpx.ConnectError would not match.
+            if any(c.__name__ == "ConnectError" for c in type(e.__cause__).__mro__):
                 return InputError(f"cannot reach an OpenAI-compatible server at {host}: start it (e.g. "
                                    "`llama-server -m model.gguf --port 8080`) or pass --host URL (ending in /v1)")
             return BackendError("connection dropped")

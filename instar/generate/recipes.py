@@ -96,10 +96,10 @@ class Ask:
             raise Rejected("truncated (max tokens)", self.raw())
         if gen.finish_reason == "context":
             raise Rejected("truncated (prompt fills the context window)", self.raw())
-        if not gen.text.strip():  # e.g. a thinking model that spent its budget on thinking
-            raise Rejected("empty content", self.raw())
         if gen.finish_reason != "stop":  # a refusal, a content filter, a tool call: not the reply asked for
             raise Rejected(f"stopped: {gen.finish_reason}", self.raw())
+        if not gen.text.strip():  # e.g. a thinking model that spent its budget on thinking
+            raise Rejected("empty content", self.raw())
         try:
             return output.model_validate_json(extract_json(gen.text))
         except ValidationError as e:
