@@ -219,17 +219,24 @@ def import_documents(store, path: str | Path, max_chars: int = DOCUMENT_CHARS) -
     from instar.datasets.store import Provenance
 
     files = find_documents(path)
+    texts: dict[Path, str] = {}
     result = DocumentImport(path=str(path), bad=[])
+    for f in files:  # read everything first: nothing readable at all is an error before any row is written
+        try:
+            texts[f] = read_text(f)
+        except DocumentError as e:
+            result.bad.append((str(f), str(e)))
+    if not texts:
+        file, reason = result.bad[0]
+        raise InputError(f"cannot import {file}: {reason}" + (f" (and {len(files) - 1} more files)"
+                                                               if len(files) > 1 else ""))
     result.run_id = start_run(store, kind="import", stage="import", config={"path": str(path), "kind": "text"})
     status = "failed"
     try:
-        for f in files:
-            try:
-                pieces = cut(read_text(f), max_chars)
-            except DocumentError as e:
-                result.bad.append((str(f), str(e)))
-                store.add_failure(f"import: {e}", str(f), kind="text", run_id=result.run_id)
-                continue
+        for file, reason in result.bad:
+            store.add_failure(f"import: {reason}", file, kind="text", run_id=result.run_id)
+        for f, text in texts.items():
+            pieces = cut(text, max_chars)
             result.files += 1
             with store.db.atomic():  # a file goes in whole or not at all
                 for i, piece in enumerate(pieces):
@@ -243,8 +250,4 @@ def import_documents(store, path: str | Path, max_chars: int = DOCUMENT_CHARS) -
         finish_run(store, result.run_id, status=status,
                    summary={"files": result.files, "documents": result.documents, "inserted": result.inserted,
                             "duplicates": result.duplicates, "bad_files": result.bad[:100]})
-    if not result.files:
-        file, reason = result.bad[0]
-        raise InputError(f"cannot import {file}: {reason}" + (f" (and {len(files) - 1} more files)"
-                                                               if len(files) > 1 else ""))
     return result
