@@ -173,8 +173,8 @@ def fields(kind: str, record: dict) -> tuple[list[str], str]:
 def check(kind: str, record: dict, prompt: str = "") -> str | None:
     """The first reason this record should not be kept, or None. `prompt` is the request that made it."""
     texts, own_prompt = fields(kind, record)
-    if own_prompt:  # the request a teacher wrote is judged too: it must not be about the reply format either
-        for reason in (echoes_instructions(own_prompt), placeholder(own_prompt), json_talk(own_prompt, prompt)):
+    if own_prompt:  # the request a teacher wrote is judged too: no instructions echoed, no placeholders
+        for reason in (echoes_instructions(own_prompt), placeholder(own_prompt)):
             if reason:
                 return reason
     for text in texts:
