@@ -193,3 +193,18 @@ def test_run_checks_topics_and_documents_before_generating(store, tmp_path):
     with pytest.raises(InputError, match="not found"):
         top_up(store, cfg, None, console=None)
     assert store.count() == 0
+
+
+def test_one_home_for_run_defaults_the_kind_map_and_the_embedded_model():
+    import tomllib
+
+    from instar.generate import backends, recipes
+    from instar.pipeline_run import DataConfig, TeacherConfig, default_config_text, load_pipeline_config
+    from instar.train import common
+
+    default = tomllib.loads(default_config_text())
+    assert "data" not in default and "teacher" not in default  # the Config defaults ARE the default run's
+    cfg = load_pipeline_config()
+    assert cfg.data == DataConfig() and cfg.teacher == TeacherConfig()
+    assert recipes.KIND_OF == {"corpus": "text", "instructions": "messages", "preferences": "preference", "math": "math"}
+    assert common.embedded_gguf is backends.embedded_model_path
