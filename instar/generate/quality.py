@@ -58,9 +58,12 @@ def near_duplicate_rate(texts: list[str]) -> float:
 
 
 def percentiles(values: list[int]) -> dict[str, int]:
+    """min, p10, median, p90, max (nearest rank); {} for no values."""
     v = sorted(values)
-    pick = lambda q: v[min(len(v) - 1, int(len(v) * q))]  # noqa: E731
-    return {"min": v[0], "p10": pick(0.1), "median": pick(0.5), "p90": pick(0.9), "max": v[-1]} if v else {}
+    if not v:
+        return {}
+    at = {name: v[min(len(v) - 1, int(len(v) * q))] for name, q in (("p10", 0.1), ("median", 0.5), ("p90", 0.9))}
+    return {"min": v[0], **at, "max": v[-1]}
 
 
 def quality(store) -> dict[str, KindQuality]:
