@@ -126,7 +126,7 @@ class LlamaCppBackend:
         self._lock = threading.Lock()
 
     def check(self) -> None:
-        self._load()
+        self._ready()  # the model, its chat template and the decoder's context: every failure before any item
 
     def _load(self):
         """The one place a GGUF is loaded (the batched decoder reuses this model; it never loads its own)."""

@@ -4,8 +4,9 @@
     tokens, finish = decoder.run(prompt_tokens, grammar=gbnf, temperature=0.8, seed=7, max_tokens=400)
 
 `run` may be called from many threads at once (the generation pipeline's workers); each call waits while one
-decode thread serves them all. Every step feeds one `llama_decode` with the next token of every generating
-sequence plus the prompt tokens of newly admitted ones (llama.cpp's examples/parallel, in Python). A request
+decode thread serves them all. Every step evaluates each newly admitted prompt (a
+call each), then feeds one `llama_decode` with the next token of every generating sequence (llama.cpp's
+examples/parallel, in Python). A request
 joins as soon as a slot is free, so a slow item never holds the others back.
 
 Two choices carry the speed (measured in bench/README.md, "Data generation"):
@@ -79,9 +80,11 @@ class _Sequence:
 class BatchDecoder:
     """One llama.cpp context with `slots` sequences, driven by one thread; `run` is thread-safe and blocks."""
 
-    def __init__(self, llm, *, slots: int, n_ctx: int, n_batch: int = 2048):
+    def __init__(self, llm, *, slots: int, n_ctx: int):
         import llama_cpp as L
 
+        # A call holds one whole prompt (< n_ctx tokens) or one token of every sequence.
+        n_batch = max(n_ctx, slots)
         self.L, self.slots, self.n_ctx, self.n_batch = L, slots, n_ctx, n_batch
         self.model = llm._model.model
         self.vocab = L.llama_model_get_vocab(self.model)
@@ -140,24 +143,34 @@ class BatchDecoder:
                 del active[slot]
 
     def _step(self, active: dict[int, _Sequence]) -> None:
+        """Each new prompt in a call of its own, then one call with the next token of every other sequence.
+
+        Why prompts go alone: with a KV stream per sequence llama.cpp splits a batch into micro-batches holding
+        the same number of tokens of each sequence, so a prompt sharing a call with 1-token sequences is cut
+        into pieces, and how it is cut changed its logits (8 vs 16 sequences gave different texts for the same
+        seeds). Alone, a prompt is always evaluated the same way; prompt tokens gain nothing from sharing a call
+        here anyway (110 prompt tokens in one call cost ~70x one token on this CPU)."""
+        for seq in [s for s in active.values() if s.pos == 0]:
+            self._decode([seq])
+        self._decode([s for s in active.values() if s.pos > 0 and s.feed and not s.req.done.is_set()])
+
+    def _decode(self, seqs: list[_Sequence]) -> None:
+        """One llama_decode over the pending tokens of `seqs`, then a sampled token for each."""
         L, b, n = self.L, self.batch, 0
-        for seq in active.values():  # every sequence's next tokens, prompts chunked to the batch size
-            take = seq.feed[:max(0, self.n_batch - n)]
-            for i, token in enumerate(take):
+        for seq in seqs:
+            for i, token in enumerate(seq.feed):
                 b.token[n], b.pos[n], b.n_seq_id[n], b.seq_id[n][0] = token, seq.pos + i, 1, seq.slot
                 b.logits[n] = i == len(seq.feed) - 1  # logits only where the sequence samples next
                 n += 1
-            seq.logit_row = n - 1 if take and len(take) == len(seq.feed) else -1
-            seq.pos += len(take)
-            del seq.feed[:len(take)]
+            seq.logit_row, seq.pos, seq.feed = n - 1, seq.pos + len(seq.feed), []
+        if not n:
+            return
         b.n_tokens = n
-        if n:
-            rc = L.llama_decode(self.ctx, b)
-            if rc != 0:
-                raise RuntimeError(f"llama_decode failed ({rc})")
-        for seq in active.values():
-            if seq.logit_row >= 0:
-                self._advance(seq)
+        rc = L.llama_decode(self.ctx, b)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode failed ({rc})")
+        for seq in seqs:
+            self._advance(seq)
 
     def _advance(self, seq: _Sequence) -> None:
         """Sample one token for `seq` and decide whether it is finished."""
