@@ -120,3 +120,17 @@ def test_batched_requests_are_deterministic_and_each_keeps_its_own_schema(embedd
             schemas[i % 3].model_validate_json(out.text)
         else:
             assert out.completion_tokens == 60
+
+
+def test_the_same_items_come_out_whatever_the_batch_size(tmp_path):
+    """`--concurrency 1` and `--concurrency 3` store the same records and failures for the same seeds."""
+    from instar.datasets.store import Store
+
+    seen = []
+    for slots in (1, 3):
+        store = Store.open(tmp_path / f"s{slots}.db")
+        generate(store, GenerateConfig(kind="instructions", count=3, max_attempts=3, concurrency=slots,
+                                       max_tokens=60), backend=LlamaCppBackend(embedded_model_path(), slots=slots))
+        seen.append((sorted(json.dumps(r) for r in store.records("messages")),
+                     sorted(r for (r,) in store.db.execute("select reason from failures"))))
+    assert seen[0] == seen[1] and len(seen[0][0]) + len(seen[0][1]) == 3

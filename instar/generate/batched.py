@@ -4,24 +4,30 @@
     tokens, finish = decoder.run(prompt_tokens, grammar=gbnf, temperature=0.8, seed=7, max_tokens=400)
 
 `run` may be called from many threads at once (the generation pipeline's workers); each call waits while one
-decode thread serves them all. Every step evaluates each newly admitted prompt (a
-call each), then feeds one `llama_decode` with the next token of every generating sequence (llama.cpp's
-examples/parallel, in Python). A request
-joins as soon as a slot is free, so a slow item never holds the others back.
+decode thread serves them all. Every step evaluates each newly admitted prompt (a call each), then feeds one
+`llama_decode` with the next token of every generating sequence (llama.cpp's examples/parallel, in Python).
+A request joins as soon as a slot is free, so a slow item never holds the others back.
 
 Two choices carry the speed (measured in bench/README.md, "Data generation"):
-- Batching: a 135M model on 2 cores is bound by reading its weights, not by arithmetic; one step over 8
-  sequences costs far less than 8 steps over one.
+- Batching: one step over 8 sequences reads the weights once for 8 tokens (~4-5x the cost of a step over one
+  on this CPU, so ~2x the tokens per second).
 - Grammar last, as llama.cpp's own samplers do: sample from top-k without the grammar, then ask the grammar
   only whether that one token is allowed; only when it is not, the grammar filters the whole 49,152-token
   vocabulary and we sample again. llama-cpp-python's `create_chat_completion` filters the whole vocabulary on
   every token, which is what made constrained decoding ~3x slower than free decoding here.
 
-Deterministic: the KV cache is split per sequence (`kv_unified = False`), and a sequence's logits were
-bit-identical whether it ran alone, beside 7 others, or beside another sequence's 340-token prompt
-(measured with llama-cpp-python 0.3.36 on this CPU), so the same (prompt, seed) gives the same text however
-requests happen to be batched. Simplifications: no prefix sharing between sequences (prompts are short), one
-sampling recipe (top-k 40, top-p 0.95, min-p 0.05, temperature, seeded draw; greedy at temperature 0).
+Deterministic: the KV cache is split per sequence (`kv_unified = False`) and every prompt is evaluated in a call
+of its own, so a sequence's logits are bit-identical whether it runs alone or beside 7 others (measured with
+llama-cpp-python 0.3.36 on this CPU; `--concurrency 1, 3 and 6` stored the same records for the same seeds).
+The same (prompt, seed) gives the same text however requests happen to be batched.
+
+Where the time goes (AMD EPYC Zen 3, 2 cores, shared): for SmolLM2-135M Q4_1 a prompt token costs nearly as
+much as a generated one (110 prompt tokens in one call ~70x one token), and a step over 8 sequences ~4-5x a
+step over one; prompts are ~110 tokens and outputs 70-200, so prompts bound what batching can win. Tried and
+left out: caching shared prompt prefixes (restoring saved KV cells changed later logits, and the prompt layouts
+with a long shared prefix made the 135M teacher ramble: 3-4 of 8 instruction items accepted instead of 7).
+Simplifications: one sampling recipe (top-k 40, top-p 0.95, min-p 0.05, temperature, seeded draw; greedy at
+temperature 0).
 """
 
 from __future__ import annotations
