@@ -21,9 +21,10 @@ of its own, so a sequence's logits are bit-identical whether it runs alone or be
 llama-cpp-python 0.3.36 on this CPU; `--concurrency 1, 3 and 6` stored the same records for the same seeds).
 The same (prompt, seed) gives the same text however requests happen to be batched.
 
-Where the time goes (AMD EPYC Zen 3, 2 cores, shared): for SmolLM2-135M Q4_1 a prompt token costs nearly as
-much as a generated one (110 prompt tokens in one call ~70x one token), and a step over 8 sequences ~4-5x a
-step over one; prompts are ~110 tokens and outputs 70-200, so prompts bound what batching can win. Tried and
+Where the time goes (AMD EPYC Zen 3, 2 cores, shared): for SmolLM2-135M Q4_1 a prompt token costs a large
+part of a generated one (a 120-token prompt took 6.5-8.1 s in llama.cpp's default 512-token micro-batches and
+1.5-2.1 s in the 64-token ones used here, one token ~20-50 ms, all under load), and a step over 8 sequences
+~4-5x a step over one; prompts are ~110 tokens and outputs 70-200, so prompts bound what batching can win. Tried and
 left out: caching shared prompt prefixes (restoring saved KV cells changed later logits, and the prompt layouts
 with a long shared prefix made the 135M teacher ramble: 3-4 of 8 instruction items accepted instead of 7).
 Simplifications: one sampling recipe (top-k 40, top-p 0.95, min-p 0.05, temperature, seeded draw; greedy at
@@ -156,8 +157,7 @@ class BatchDecoder:
         Why prompts go alone: with a KV stream per sequence llama.cpp splits a batch into micro-batches holding
         the same number of tokens of each sequence, so a prompt sharing a call with 1-token sequences is cut
         into pieces, and how it is cut changed its logits (8 vs 16 sequences gave different texts for the same
-        seeds). Alone, a prompt is always evaluated the same way; prompt tokens gain nothing from sharing a call
-        here anyway (110 prompt tokens in one call cost ~70x one token on this CPU)."""
+        seeds). Alone, a prompt is always evaluated the same way; prompt tokens gain little from sharing a call."""
         for seq in [s for s in active.values() if s.pos == 0]:
             self._decode([seq])
         self._decode([s for s in active.values() if s.pos > 0 and s.feed and not s.req.done.is_set()])
