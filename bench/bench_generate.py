@@ -1,9 +1,13 @@
 """Benchmark data generation with the embedded SmolLM2-135M GGUF on this machine.
 
-    .venv/bin/python bench/bench_generate.py                 # all three parts, ~10 min on 2 cores
+    .venv/bin/python bench/bench_generate.py                 # all parts, ~25 min on 2 cores
     .venv/bin/python bench/bench_generate.py --part decode --n 10
+    .venv/bin/python bench/bench_generate.py --part batched --n 16 --slots 4,8,16
 
-Three parts, each printed as a markdown table (copied into bench/README.md):
+Four parts, each printed as a markdown table (copied into bench/README.md):
+  batched   side by side in one run: accepted records per minute for corpus and instructions, one item at a
+            time as instar did before issue 13 (llama-cpp-python's `create_chat_completion`, the grammar over
+            the whole vocabulary every token) vs the batched decoder with N sequences (`--slots`).
   decode    constrained (JSON-schema grammar) vs free decoding: valid outputs per second for the output
             model of each kind, same prompts and seeds in both modes. "Valid" = parses into the outputs.py model.
   kinds     accepted records per minute for each kind, through the whole pipeline (`generate`).
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import tempfile
 import time
@@ -27,7 +32,8 @@ from rich.console import Console
 
 from instar.datasets.store import Store
 from instar.generate import prompts as P
-from instar.generate.backends import FakeBackend, LlamaCppBackend, embedded_model_path
+from instar.generate.backends import (FakeBackend, Generation, LlamaCppBackend, embedded_model_path,
+                                     import_llama_cpp, schema_grammar)
 from instar.generate.pipeline import GenerateConfig, generate
 from instar.generate.recipes import Ask, Rejected
 from instar.schemas.outputs import Document, InstructionPair, WordProblem
@@ -52,6 +58,57 @@ class Timed:
         finally:
             self.seconds += time.perf_counter() - t0
             self.calls += 1
+
+
+class OneAtATime:
+    """instar's llama.cpp backend before issue 13, kept here as the baseline: one request at a time through
+    llama-cpp-python's high-level API, whose sampler applies the grammar to all 49,152 tokens every step."""
+
+    name, max_concurrency = "embedded", 1
+
+    def __init__(self, path, n_ctx: int = 2048):
+        llama_cpp = import_llama_cpp()
+        self.llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, n_threads=os.cpu_count(), n_threads_batch=os.cpu_count(),
+                                   verbose=False)
+        self.model, self.grammars = Path(path).name, {}
+
+    def check(self):
+        pass
+
+    def chat(self, messages, *, schema, temperature, seed, max_tokens):
+        key = json.dumps(schema, sort_keys=True)
+        if key not in self.grammars:
+            self.grammars[key] = import_llama_cpp().LlamaGrammar.from_string(schema_grammar(schema), verbose=False)
+        t0 = time.perf_counter()
+        self.llm.reset()
+        out = self.llm.create_chat_completion(messages, temperature=temperature, seed=seed, max_tokens=max_tokens,
+                                              grammar=self.grammars[key])
+        choice, usage = out["choices"][0], out["usage"]
+        return Generation(choice["message"]["content"] or "", choice["finish_reason"] or "stop",
+                          usage["prompt_tokens"], usage["completion_tokens"], time.perf_counter() - t0)
+
+
+def batched(n: int, slots: list[int], kinds_: list[str]) -> None:
+    """Before/after in one run: one at a time vs the batched decoder, same kinds, seeds and item counts."""
+    path = embedded_model_path()
+    print("| kind | decoding | accepted | tried | minutes | records/min | tok/s | speed-up | top rejection reasons |\n"
+          "|---|---|---|---|---|---|---|---|---|")
+    for kind in kinds_:
+        base = None
+        for label, backend, workers in [("one at a time (before)", OneAtATime(path), 1),
+                                        *[(f"batched, {k} sequences", LlamaCppBackend(path, name="embedded", slots=k), k)
+                                          for k in slots]]:
+            with tempfile.TemporaryDirectory() as tmp:
+                store = Store.open(Path(tmp) / "bench.db")
+                t0 = time.perf_counter()
+                r = generate(store, GenerateConfig(kind=kind, count=n, max_attempts=n, concurrency=workers,
+                                                   max_tokens=300), backend=backend, console=QUIET)
+                minutes = (time.perf_counter() - t0) / 60
+            rate = r.accepted / minutes
+            base = base or rate
+            top = ", ".join(f"{k} {v}" for k, v in r.reasons.most_common(3))
+            print(f"| {kind} | {label} | {r.accepted} | {r.attempts} | {minutes:.2f} | {rate:.1f} | "
+                  f"{r.tokens / (minutes * 60):.1f} | {rate / base:.1f}x | {top} |", flush=True)
 
 
 def decode(n: int) -> None:
@@ -133,10 +190,13 @@ def overhead(n: int) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--part", choices=["decode", "kinds", "overhead", "all"], default="all")
+    ap.add_argument("--part", choices=["batched", "decode", "kinds", "overhead", "all"], default="all")
+    ap.add_argument("--slots", default="8", help="batched: sequences per batch to compare, e.g. 4,8,16")
     ap.add_argument("--n", type=int, default=10, help="items per measurement")
     ap.add_argument("--kinds", default="corpus,instructions,math,preferences")
     args = ap.parse_args()
+    if args.part in ("batched", "all"):
+        batched(args.n, [int(k) for k in args.slots.split(",")], ["corpus", "instructions"])
     if args.part in ("decode", "all"):
         decode(args.n)
     if args.part in ("kinds", "all"):

@@ -91,13 +91,18 @@ def data_show(kind: KindOpt = None, limit: Annotated[int, typer.Option(help="How
 
 
 @data_app.command("import")
-def data_import(file: Annotated[Path, typer.Argument(help="A JSONL file.")], kind: KindOpt = None,
-                db: DbOpt = None) -> None:
-    """Import a JSONL file; invalid lines are reported with their line number and reason."""
+def data_import(path: Annotated[Path, typer.Argument(help="A JSONL file, or documents: a .txt/.md/.html/.pdf file "
+                                                     "or a folder of them (pretraining text).")],
+                kind: KindOpt = None, db: DbOpt = None) -> None:
+    """Import JSONL records, or documents cut into pretraining text; bad lines and files are reported."""
     from instar import report
+    from instar.datasets.documents import import_documents, is_documents
     from instar.datasets.jsonl import import_jsonl
 
-    result = import_jsonl(open_store(db), file, kind=kind)
+    if is_documents(path, kind):
+        report.render_document_import(import_documents(open_store(db), path))
+        return
+    result = import_jsonl(open_store(db), path, kind=kind)
     report.render_import(result)
     if not result.inserted and not result.duplicates:  # nothing valid in the file
         raise typer.Exit(1)
@@ -131,12 +136,17 @@ def run_cmd(config: ConfigOpt = None, set_: SetOpt = None, db: DbOpt = None) -> 
 def generate_cmd(
         kind: Annotated[str, typer.Argument(help="corpus, instructions, preferences or math.")],
         count: Annotated[Optional[int], typer.Option("--count", "-n", help="Top the store up to N records.")] = None,
-        backend: Annotated[Optional[str], typer.Option(help="embedded (default), llamacpp or ollama.")] = None,
-        model: Annotated[Optional[str], typer.Option(help="GGUF path (llamacpp) or model name (ollama).")] = None,
-        host: Annotated[Optional[list[str]], typer.Option(help="Ollama server URL; repeat to spread load.")] = None,
+        backend: Annotated[Optional[str], typer.Option(help="embedded (default), llamacpp, ollama or openai.")] = None,
+        model: Annotated[Optional[str], typer.Option(help="GGUF path (llamacpp) or model name (ollama, openai).")] = None,
+        host: Annotated[Optional[list[str]], typer.Option(help="Server URL (openai: ending in /v1); repeat to "
+                                                          "spread load.")] = None,
+        topic: Annotated[Optional[list[str]], typer.Option(help="What the items are about; repeat for several.")] = None,
+        topics: Annotated[Optional[str], typer.Option("--topics", help="A file of topics, one per line.")] = None,
+        from_: Annotated[Optional[str], typer.Option("--from", help="instructions: questions and answers grounded "
+                                                     "in these documents (a file or folder: .txt .md .html .pdf).")] = None,
         source: Annotated[Optional[str], typer.Option(help="math: llm (default) or procedural.")] = None,
         seed: Annotated[Optional[int], typer.Option(help="Base seed (default 0).")] = None,
-        concurrency: Annotated[Optional[int], typer.Option(help="Requests in flight (Ollama).")] = None,
+        concurrency: Annotated[Optional[int], typer.Option(help="Items in flight (default 8).")] = None,
         temperature: Annotated[Optional[float], typer.Option(help="Sampling temperature.")] = None,
         config: ConfigOpt = None, set_: SetOpt = None, db: DbOpt = None) -> None:
     """Generate records of one kind with a local LLM until the store holds --count of them."""
@@ -144,7 +154,8 @@ def generate_cmd(
     from instar.generate.pipeline import config_from_options, generate
 
     cfg = config_from_options(config, set_, kind=kind, count=count, backend=backend, model=model, hosts=host,
-                              source=source, seed=seed, concurrency=concurrency, temperature=temperature)
+                              topics=topic, topics_file=topics, documents=from_, source=source, seed=seed,
+                              concurrency=concurrency, temperature=temperature)
     report.render_generate(generate(open_store(db), cfg))
 
 

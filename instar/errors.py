@@ -17,8 +17,10 @@ class ConfigError(InstarError):
     exit_code = 2
 
 
-class SetupError(InstarError):
-    """The machine, a model file or a server cannot do the job (a teacher that crashes on this CPU, a server
-    that is not running): found before any work starts. Exit code 2."""
+class InputError(InstarError):
+    """Input that cannot be used: a missing or unreadable file, an empty folder or topics file, an unreachable
+    server, a model the server does not have, a teacher that crashes on this CPU. Exit code 2, like a usage error;
+    raised before anything is stored."""
 
     exit_code = 2
+

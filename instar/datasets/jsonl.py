@@ -34,7 +34,7 @@ from typing import BinaryIO, Iterator
 
 from instar.datasets.runs import finish_run, start_run
 from instar.datasets.store import SPLITS, Provenance, Store, validate_record
-from instar.errors import InstarError
+from instar.errors import InputError, InstarError
 from instar.schemas.records import KINDS
 
 BATCH_LINES = 500  # lines per transaction: ~10 ms of work, so a kill loses at most one small batch
@@ -166,11 +166,11 @@ def import_jsonl(store: Store, path: str | Path, kind: str | None = None) -> Imp
     _check_kind(kind)
     path = Path(path)
     if not path.exists():
-        raise InstarError(f"file not found: {path}")
+        raise InputError(f"file not found: {path}")
     if not path.is_file():
-        raise InstarError(f"not a file: {path}")
+        raise InputError(f"not a file: {path}")
     if path.stat().st_size == 0:
-        raise InstarError(f"{path} is empty: nothing to import")
+        raise InputError(f"{path} is empty: nothing to import")
     result = ImportResult(path=str(path))
     result.run_id = start_run(store, kind="import", stage="import", config={"path": str(path), "kind": kind})
     prov = Provenance(source="import", run_id=result.run_id)

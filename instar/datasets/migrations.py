@@ -4,7 +4,8 @@ Add a new function at the end decorated with `@migration`; never edit one that h
 once, inside a transaction, and is recorded in `_instar_migrations` (the pattern of simonw/llm).
 
 Tables
-    records   one row per distinct record (id = content hash), its kind, split and provenance
+    records   one row per distinct record (id = content hash), its kind, split and provenance (m002: the topic
+              it was written about, the document passage it came from)
     runs      one row per generate/train/pipeline run, with its resolved config and status
     metrics   (run, step, name, value): every number a report draws
     samples   model outputs kept for reading: prompts, completions, rewards
@@ -55,6 +56,14 @@ def m001_initial(db: sqlite_utils.Database) -> None:
         pk="id", not_null={"reason"},
     )
     db["failures"].create_index(["kind", "reason"])
+
+
+@migration
+def m002_records_topic_document(db: sqlite_utils.Database) -> None:
+    """Provenance of steered generation: `topic` (what the item was asked to be about) and `document`
+    ("file#passage" it was grounded in, or the file an imported document was cut from)."""
+    db["records"].add_column("topic", str)
+    db["records"].add_column("document", str)
 
 
 def migrate(db: sqlite_utils.Database) -> list[str]:

@@ -89,6 +89,8 @@ class Provenance:
     model: str | None = None
     template: str | None = None
     seed: int | None = None
+    topic: str | None = None  # what the item was asked to be about (a built-in pool entry or the user's topic)
+    document: str | None = None  # "file#passage" the record was grounded in or cut from
 
 
 @dataclass
@@ -144,7 +146,8 @@ class Store:
             text = canonical_json(data)
             rows.append({"id": rid, "kind": kind, "split": split_of(rid), "data": text, "n_chars": len(text),
                          "run_id": prov.run_id, "source": prov.source, "backend": prov.backend,
-                         "model": prov.model, "template": prov.template, "seed": prov.seed, "created_at": now})
+                         "model": prov.model, "template": prov.template, "seed": prov.seed, "topic": prov.topic,
+                         "document": prov.document, "created_at": now})
         result = AddResult(duplicates=repeats, ids=[r["id"] for r in rows])
         if not rows:
             return result

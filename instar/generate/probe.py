@@ -1,6 +1,6 @@
 """A pre-flight check of an in-process llama.cpp teacher, run in a child process.
 
-    probe(path, n_ctx)                 # returns, or raises SetupError (exit 2) naming the cause and the way out
+    probe(path, n_ctx)                 # returns, or raises InputError (exit 2) naming the cause and the way out
     python -m instar.generate.probe PATH N_CTX   # the child: one short constrained call, prints "ok"
 
 llama.cpp is native code: when it meets an instruction the CPU refuses (SIGILL in its AMX kernels on some Xeon
@@ -20,7 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from instar.errors import InstarError, SetupError
+from instar.errors import InstarError, InputError
 
 PROBE_TIMEOUT = 300.0  # seconds: a first grammar-constrained call can be slow on a busy 2-core machine
 _passed: set[tuple[str, int]] = set()
@@ -37,20 +37,20 @@ def probe_command(path: Path, n_ctx: int) -> list[str]:
 
 
 def probe(path: str | Path, n_ctx: int = 2048) -> None:
-    """Run one constrained call on the GGUF at `path` in a child process; raise SetupError if it cannot run."""
+    """Run one constrained call on the GGUF at `path` in a child process; raise InputError if it cannot run."""
     key = (str(Path(path).resolve()), n_ctx)
     if key in _passed:
         return
     try:
         proc = subprocess.run(probe_command(Path(path), n_ctx), capture_output=True, text=True, timeout=PROBE_TIMEOUT)
     except subprocess.TimeoutExpired:
-        raise SetupError(f"the llama.cpp teacher did not answer a test call within {PROBE_TIMEOUT:.0f} s "
+        raise InputError(f"the llama.cpp teacher did not answer a test call within {PROBE_TIMEOUT:.0f} s "
                           f"({Path(path).name}); nothing was generated. Use --backend ollama or openai, or a smaller "
                           "GGUF") from None
     if proc.returncode == 0 and proc.stdout.strip().endswith("ok"):
         _passed.add(key)
         return
-    raise SetupError(failure_line(Path(path), proc.returncode, proc.stderr))
+    raise InputError(failure_line(Path(path), proc.returncode, proc.stderr))
 
 
 def failure_line(path: Path, returncode: int, stderr: str) -> str:

@@ -8,7 +8,7 @@ or pool below changes, so records made by different prompts stay distinguishable
 
 from __future__ import annotations
 
-TEMPLATE_VERSION = "gen-v1"
+TEMPLATE_VERSION = "gen-v2"  # v2: grounded questions on the user's documents (GROUNDED, QUESTION_KINDS)
 
 TOPICS = [
     "a lost dog", "the moon", "a rainy day", "baking bread", "a school trip", "a broken bicycle", "the ocean",
@@ -55,6 +55,8 @@ SYSTEM_TEACHER = "You write training data for a helpful AI assistant."
 SYSTEM_JUDGE = ("You are a strict, fair judge of answers. You score how helpful, correct and clear each "
                 "response is for the user's request.")
 SYSTEM_MATH = "You write math word problems for school children and check the arithmetic."
+SYSTEM_READER = ("You write questions and answers about documents for training an assistant. An answer uses only "
+                 "facts stated in the document, in its own words.")
 
 CORPUS = "Write {style} about {topic} for {audience}. Use short sentences and simple words."
 INSTRUCTION_PAIR = ("Invent a request a user might send to an AI assistant about {topic}. The task: {task}. "
@@ -64,3 +66,12 @@ JUDGE = ("Request:\n{instruction}\n\nResponse 1:\n{first}\n\nResponse 2:\n{secon
          "Score both responses for this request.")
 MATH = ("Write a math word problem about {setting} that uses {operation}, with whole numbers below 100. "
         "Give the arithmetic expression that solves it and its answer.")
+
+# Grounded questions (`instar generate instructions --from PATH`): the question must stand alone, because the
+# stored conversation holds the question and answer only, not the passage (the student learns the documents).
+QUESTION_KINDS = ["a fact", "a number or a date", "a definition", "a reason (why)", "a process (how)",
+                  "a comparison", "a summary of the main point", "a name (who or what)"]
+GROUNDED = ('A passage from the document "{name}":\n"""\n{passage}\n"""\n\nWrite one question about {kind} that '
+            "this passage answers. The question must make sense to someone who has not seen the passage: name "
+            "the subject instead of saying \"the passage\" or \"the text\". Then answer it using only facts "
+            "from the passage.")

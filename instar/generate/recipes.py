@@ -3,7 +3,8 @@
     ask = Ask(backend, seed=7, temperature=0.8, max_tokens=400)
     draft = RECIPES["instructions"](random.Random(7), ask)       # Draft(kind="messages", record={...})
 
-The rng picks from the diversity pools in prompts.py; `ask` sends one request, parses the reply into an
+The rng picks from the diversity pools in prompts.py, or from the user's topics (`ask.topics`, `--topic`);
+`ask.passage` set (`--from PATH`) makes instructions grounded question-answer pairs. `ask` sends one request, parses the reply into an
 outputs.py model and raises `Rejected` with a categorical reason for every way a reply can be unusable
 (truncated, empty, invalid JSON, wrong fields). Validation against records.py, filters, deduplication and
 storage happen in pipeline.py, the same for every kind.
@@ -11,6 +12,8 @@ storage happen in pipeline.py, the same for every kind.
 Preferences: two candidates made differently (careful persona at temperature 0.3, hasty at 1.0), then the
 judge scores both in both orders. Kept only if both orders prefer the same candidate by at least
 `MIN_MARGIN` points; a zero difference is a tie, opposite signs are position bias ("inconsistent").
+Grounded instructions: the teacher reads one passage of the user's documents and writes a question that makes
+sense without it and the answer; `filters.grounding` rejects an answer the passage does not support.
 Math (LLM source): the model must give an arithmetic expression; instar evaluates it with the safe
 evaluator and keeps the problem only if it equals the model's stated answer.
 """
@@ -20,17 +23,19 @@ from __future__ import annotations
 import json
 import random
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 from pydantic import ValidationError
 
+from instar.datasets.documents import Passage
 from instar.datasets.store import format_error
+from instar.generate import filters
 from instar.generate import prompts as P
 from instar.generate.backends import Backend, BackendError
 from instar.generate.procedural import make_problems
 from instar.generate.safe_eval import UnsafeExpression, format_number, parse_number, safe_eval
-from instar.schemas.outputs import (Document, Instruction, InstructionPair, Output, Reply, Verdict, WordProblem,
-                                    describe, json_schema)
+from instar.schemas.outputs import (Document, GroundedPair, Instruction, InstructionPair, Output, Reply, Verdict,
+                                    WordProblem, describe, json_schema)
 
 MIN_MARGIN = 2  # judge points (1-10 scale) by which the chosen response must win in BOTH orders
 
@@ -49,6 +54,8 @@ class Draft:
     record: dict
     prompt: str = ""  # the request that produced it, for the echo filter
     raw: str = ""  # what the model said, kept if a later check rejects the record
+    topic: str | None = None  # provenance: what the item was asked to be about
+    document: str | None = None  # provenance: "file#passage" it is grounded in
 
 
 def extract_json(text: str) -> str:
@@ -67,6 +74,12 @@ class Ask:
     max_tokens: int = 400
     tokens: int = 0
     raws: list[str] = field(default_factory=list)
+    topics: Sequence[str] = ()  # the user's topics; empty = the built-in pools
+    passage: Passage | None = None  # the user's document passage this item is grounded in
+
+    def topic(self, rng: random.Random, pool: Sequence[str] = P.TOPICS) -> str:
+        """This item's subject: one of the user's topics when given, else one of the built-in `pool`."""
+        return rng.choice(self.topics or pool)
 
     def __call__(self, system: str, user: str, output: type[Output], temperature: float | None = None,
                  seed_offset: int = 0):
@@ -83,6 +96,8 @@ class Ask:
             raise Rejected("truncated (max tokens)", self.raw())
         if gen.finish_reason == "context":
             raise Rejected("truncated (prompt fills the context window)", self.raw())
+        if gen.finish_reason != "stop":  # a refusal, a content filter, a tool call: not the reply asked for
+            raise Rejected(f"stopped: {gen.finish_reason}", self.raw())
         if not gen.text.strip():  # e.g. a thinking model that spent its budget on thinking
             raise Rejected("empty content", self.raw())
         try:
@@ -100,20 +115,39 @@ class Ask:
 
 # -- one function per kind ------------------------------------------------------------------------------------
 def corpus(rng: random.Random, ask: Ask) -> Draft:
-    prompt = P.CORPUS.format(style=rng.choice(P.STYLES), topic=rng.choice(P.TOPICS), audience=rng.choice(P.AUDIENCES))
+    style, topic = rng.choice(P.STYLES), ask.topic(rng)
+    prompt = P.CORPUS.format(style=style, topic=topic, audience=rng.choice(P.AUDIENCES))
     doc = ask(P.SYSTEM_WRITER, prompt, Document)
-    return Draft("text", {"text": doc.text}, prompt)
+    return Draft("text", {"text": doc.text}, prompt, topic=topic)
 
 
 def instructions(rng: random.Random, ask: Ask) -> Draft:
-    prompt = P.INSTRUCTION_PAIR.format(topic=rng.choice(P.TOPICS), task=rng.choice(P.TASK_TYPES))
+    if ask.passage is not None:
+        return grounded(rng, ask)
+    topic = ask.topic(rng)
+    prompt = P.INSTRUCTION_PAIR.format(topic=topic, task=rng.choice(P.TASK_TYPES))
     pair = ask(P.SYSTEM_TEACHER, prompt, InstructionPair)
     return Draft("messages", {"messages": [{"role": "user", "content": pair.instruction},
-                                           {"role": "assistant", "content": pair.response}]}, prompt)
+                                           {"role": "assistant", "content": pair.response}]}, prompt, topic=topic)
+
+
+def grounded(rng: random.Random, ask: Ask) -> Draft:
+    """A question about one passage of the user's documents, answered from that passage only."""
+    passage = ask.passage
+    prompt = P.GROUNDED.format(name=passage.file.rsplit("/", 1)[-1], passage=passage.text,
+                               kind=rng.choice(P.QUESTION_KINDS))
+    pair = ask(P.SYSTEM_READER, prompt, GroundedPair)
+    reason = filters.grounding(pair.question, pair.answer, passage.text)
+    if reason:
+        raise Rejected(reason, ask.raw())
+    return Draft("messages", {"messages": [{"role": "user", "content": pair.question},
+                                           {"role": "assistant", "content": pair.answer}]}, pair.question,
+                 document=passage.ref)
 
 
 def preferences(rng: random.Random, ask: Ask) -> Draft:
-    prompt = P.INSTRUCTION_ONLY.format(topic=rng.choice(P.TOPICS), task=rng.choice(P.TASK_TYPES))
+    topic = ask.topic(rng)
+    prompt = P.INSTRUCTION_ONLY.format(topic=topic, task=rng.choice(P.TASK_TYPES))
     instruction = ask(P.SYSTEM_TEACHER, prompt, Instruction).instruction
     (sys_a, temp_a), (sys_b, temp_b) = P.CAREFUL, P.HASTY
     a = ask(sys_a, instruction, Reply, temperature=temp_a, seed_offset=1).response
@@ -134,11 +168,12 @@ def preferences(rng: random.Random, ask: Ask) -> Draft:
     (chosen, sc), (rejected, sr) = sorted([(a, score_a), (b, score_b)], key=lambda x: -x[1])
     return Draft("preference", {"prompt": [{"role": "user", "content": instruction}], "chosen": chosen,
                                 "rejected": rejected, "score_chosen": sc, "score_rejected": sr,
-                                "margin": sc - sr}, instruction)
+                                "margin": sc - sr}, instruction, topic=topic)
 
 
 def math_llm(rng: random.Random, ask: Ask) -> Draft:
-    prompt = P.MATH.format(setting=rng.choice(P.MATH_SETTINGS), operation=rng.choice(P.MATH_OPERATIONS))
+    setting = ask.topic(rng, P.MATH_SETTINGS)
+    prompt = P.MATH.format(setting=setting, operation=rng.choice(P.MATH_OPERATIONS))
     wp = ask(P.SYSTEM_MATH, prompt, WordProblem)
     try:
         value = safe_eval(wp.expression)
@@ -148,7 +183,7 @@ def math_llm(rng: random.Random, ask: Ask) -> Draft:
         raise Rejected("math: answer does not match expression", ask.raw())
     return Draft("math", {"question": wp.question, "answer": format_number(value),
                           "solution": f"{wp.expression} = {format_number(value)}", "family": "llm",
-                          "verified_by": "safe_eval"}, prompt)
+                          "verified_by": "safe_eval"}, prompt, topic=setting)
 
 
 def math_procedural(rng: random.Random, ask: Ask) -> Draft:

@@ -40,6 +40,13 @@ class InstructionPair(Output):
         "The assistant's helpful, correct and complete answer to that request."))
 
 
+class GroundedPair(Output):
+    question: str = Field(min_length=10, max_length=300, description=(
+        "A question a reader might ask, understandable without the passage."))
+    answer: str = Field(min_length=10, max_length=800, description=(
+        "The answer, using only facts stated in the passage."))
+
+
 class Reply(Output):
     response: str = Field(min_length=10, max_length=1200, description="Your answer to the request.")
 
