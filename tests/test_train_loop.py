@@ -103,3 +103,41 @@ def test_lora_run_resumes_from_an_adapter_only_checkpoint(tmp_path, monkeypatch)
     assert sorted(a) == sorted(b) == list(range(1, 9))
     for step in a:
         assert b[step] == pytest.approx(a[step], abs=2e-3), step
+
+
+def run_rl(stage: str, store, sets: list[str]) -> dict:
+    from instar.train import load_stage_config, stage_module
+    from instar.train.models import load_model
+    from test_pref_stages import planted_scorer
+    from train_fixtures import planted_math_score
+
+    cfg = load_stage_config(stage, None, sets)
+    scorer = planted_scorer(load_model(cfg.model)[1]) if stage == "ppo" else planted_math_score
+    return stage_module(stage).run(cfg, store, scorer=scorer)
+
+
+RL = {"ppo": ["batch_size=4", "mini_batch_size=2", "ppo_epochs=2", "max_new_tokens=6", "eval_batches=1",
+              "temperature=1.0"],
+      "grpo": ['families=["arithmetic"]', "curriculum=false", 'instruction=""', "max_new_tokens=6", "batch_size=2",
+               "group_size=4", "eval_problems=4"]}
+
+
+@pytest.mark.parametrize("stage", ["ppo", "grpo"])
+def test_two_process_rollouts_match_one_process_with_the_combined_batch(stage, tmp_path):
+    """PPO and GRPO shard rollouts across ranks: rank r of 2 makes rollout 2*step + r, exactly what one process
+    makes with grad_accum=2; gradients are summed across ranks before each optimizer step."""
+    from test_pref_world import make_world
+    from train_fixtures import assert_same_run
+
+    store, base = make_world(tmp_path / "world", n=120)
+    common = [f"model={base}", "max_steps=3", "lr=1e-2", "warmup=0", "dtype=fp32", "log_every=1", "eval_every=0",
+              "save_every=0", "sample_tokens=4", *RL[stage]]
+    single = run_rl(stage, store, common + [f"out={tmp_path}/single", "grad_accum=2"])
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    worker = os.path.join(os.path.dirname(__file__), "ddp_worker.py")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           worker, stage, str(store.path), *common, f"out={tmp_path}/ddp"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (ddp_run,) = [r for r in runs.list_runs(store, stage=stage) if r["out_dir"] == f"{tmp_path}/ddp"]
+    assert_same_run(store, single, {"run_id": ddp_run["id"]}, tmp_path / "single", tmp_path / "ddp", tol=1e-5)
