@@ -145,7 +145,7 @@ def test_stage_runs_under_instar_run_record_how_they_ended(tmp_path, monkeypatch
     fill_store(store, n_docs=150, n_convs=150)
     sets = [f"out={tmp_path}/runs", "stop_after=sft", "data.corpus=0", "data.instructions=0", "data.preferences=0",
             "data.math_sft=0", "export=[]", "train.pretrain.max_steps=2", "train.pretrain.max_len=32",
-            "train.sft.max_steps=2", "train.sft.max_len=32"]
+            "train.sft.max_steps=2", "train.sft.max_len=64"]
     for action, expected in (("crash", "failed"), ("raise", "interrupted")):
         calls = on_call(monkeypatch, loop, "optimizer_step", 1, action)
         with pytest.raises(RuntimeError if action == "crash" else KeyboardInterrupt):

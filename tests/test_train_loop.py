@@ -129,6 +129,7 @@ def test_two_process_rollouts_match_one_process_with_the_combined_batch(stage, t
     from test_pref_world import make_world
     from train_fixtures import assert_same_run
 
+    (tmp_path / "world").mkdir()
     store, base = make_world(tmp_path / "world", n=120)
     common = [f"model={base}", "max_steps=3", "lr=1e-2", "warmup=0", "dtype=fp32", "log_every=1", "eval_every=0",
               "save_every=0", "sample_tokens=4", *RL[stage]]

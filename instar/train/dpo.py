@@ -25,7 +25,7 @@ from pydantic import Field
 from instar.errors import InstarError
 from instar.train.checkpoint import finished_summary
 from instar.train.config import TrainConfig
-from instar.train.loop import open_session, train
+from instar.train.loop import Stage, fit, open_session, supervised
 from instar.train.losses import dpo_loss
 from instar.train.models import load_model, wrap_lora
 from instar.train.reward import collate_pairs, pairs_from_store
@@ -136,9 +136,6 @@ def run(cfg: Config, store) -> dict:
             n += len(chunk)
         return {k: v / n for k, v in totals.items()}
 
-    state = s.resume(model)
-    start = state["start"] if state else s.measure(model, tok, evaluate, "start")
-    train(s, model, batch_at=batch_at, loss_fn=loss_fn, evaluate=evaluate, state=state, start=start)
-    end = s.measure(model, tok, evaluate, "end", step=cfg.max_steps)
+    start, end = fit(s, Stage(model, tok, micro=batch_at, updates=supervised(s, loss_fn), evaluate=evaluate))
     # `loss` in the summary is the held-out DPO loss (the metrics table calls it val_loss: `loss` is the train loss)
     return s.finish(model, tok, start={"loss": start["val_loss"], **start}, end={"loss": end["val_loss"], **end})

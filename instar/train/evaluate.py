@@ -8,12 +8,13 @@
 registering one (GRPO adds "math"). Loss is mean next-token cross-entropy in nats. Bits-per-byte is the
 summed loss of tokens that stand for text, in bits, over the UTF-8 bytes they stand for (special tokens are
 0 bytes and left out, as in nanochat), so it compares models with different tokenizers.
-The file is scored whole, in the order given; nothing is stored.
+The file is read by `datasets.jsonl.read_records`, the same shapes `instar data import` reads (Alpaca, TRL
+preference pairs, {"prompt", "answer"} math...), one kind per file; it is scored whole, in the order given;
+nothing is stored.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,38 +106,14 @@ def eval_math(model, tok, records: list[dict], opts: EvalOptions) -> dict:
 EVALUATORS: dict[str, Callable] = {"text": eval_text, "messages": eval_messages, "math": eval_math}
 
 
-def read_jsonl(path: Path, kind: str | None = None) -> tuple[str, list[dict]]:
-    """Validated records of one kind from a JSONL file (kind inferred from the first record's fields)."""
-    from instar.datasets.store import validate_record
-
-    guess = {"text": "text", "messages": "messages", "chosen": "preference", "question": "math"}
-    path = Path(path)
-    if not path.is_file():
-        raise InstarError(f"data file not found: {path}")
-    records = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            data = json.loads(line)
-            kind = kind or next((k for f, k in guess.items() if isinstance(data, dict) and f in data), None)
-            if kind is None:
-                raise ValueError("cannot tell the record kind from its fields")
-            records.append(validate_record(kind, data))
-        except ValueError as e:  # json.JSONDecodeError is a ValueError
-            raise InstarError(f"{path}:{n}: {e}") from None
-    if not records:
-        raise InstarError(f"{path} holds no records")
-    return kind, records
-
-
 def evaluate_file(checkpoint: str | Path, data: str | Path, kind: str | None = None, batch_size: int = 8,
                   max_len: int = 512, device: str = "auto") -> dict:
     """Score a model (run dir, HF dir or embedded-smollm2) on a JSONL file: {"kind", "n", metrics...}."""
+    from instar.datasets.jsonl import read_records
     from instar.train.config import TrainConfig
     from instar.train.models import load_model, resolve_device, use_bf16
 
-    kind, records = read_jsonl(Path(data), kind)
+    kind, records = read_records(data, kind)
     if kind not in EVALUATORS:
         raise InstarError(f"no evaluator for {kind!r} records (have: {', '.join(EVALUATORS)})")
     cfg = TrainConfig(device=device)
