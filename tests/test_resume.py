@@ -87,11 +87,11 @@ PPO = ["max_steps=4", "batch_size=8", "mini_batch_size=4", "ppo_epochs=2", "max_
 
 
 def run_ppo(store, base, out, extra=()):
-    from instar.train import ppo
+    from instar.train import train_stage
     from instar.train.models import load_model
 
     cfg = load_stage_config("ppo", None, [f"model={base}", f"out={out}", *PPO, *extra])
-    return ppo.run(cfg, store, scorer=planted_scorer(load_model(base)[1]))
+    return train_stage("ppo", cfg, store, scorer=planted_scorer(load_model(base)[1]))
 
 
 def test_ppo_ctrl_c_mid_update_never_checkpoints_a_half_updated_policy(pref_world, tmp_path, monkeypatch):
@@ -159,3 +159,121 @@ def test_stage_runs_under_instar_run_record_how_they_ended(tmp_path, monkeypatch
     summary = run_pipeline(load_pipeline_config(None, sets), store, console)
     assert runs.get_run(store, summary["run_id"])["status"] == "done"
     assert [r["status"] for r in runs.child_runs(store, summary["run_id"])][-2:] == ["done", "done"]
+
+
+# --- every stage, every kind of ending, one after another in the same run -------------------------------------
+def ending(monkeypatch, point: str, n: int, action: str) -> list:
+    """Arm an interrupt at the n-th call at `point`: update, eval, checkpoint, or STAGE.generate (a rollout)."""
+    import safetensors.torch
+
+    from instar.train import stage_module
+
+    if point == "update":
+        return on_call(monkeypatch, loop, "optimizer_step", n, action)
+    if point == "eval":
+        return on_call(monkeypatch, loop.Session, "evaluate", n, action)
+    if point == "checkpoint":  # the weights are written, the state is not
+        return on_call(monkeypatch, safetensors.torch, "save_file", n, action, after=True)
+    return on_call(monkeypatch, stage_module(point.split(".")[0]), "generate", n, action)
+
+
+def interrupted(store, out, train, script, monkeypatch) -> dict:
+    """Run `train(out)` once per (point, n, action) of `script`, each ended there, then to the end."""
+    for point, n, action in script:
+        calls = ending(monkeypatch, point, n, action)
+        with pytest.raises(RuntimeError if action == "crash" else KeyboardInterrupt):
+            train(out)
+        monkeypatch.undo()
+        assert len(calls) >= n, (point, n, action)
+        assert status(store, out) == ("failed" if action == "crash" else "interrupted"), (point, n, action)
+    summary = train(out)
+    assert runs.get_run(store, summary["run_id"])["status"] == "done"
+    return summary
+
+
+def test_pretrain_resumes_exactly_after_every_kind_of_ending(text_store, pretrain_whole, tmp_path, monkeypatch):
+    whole, whole_out = pretrain_whole
+    script = [("update", 2, "sigint"),       # mid-update: the step finishes, then the checkpoint (step 2)
+              ("eval", 1, "raise"),          # the eval after step 4: checkpoint 4, the eval redone on resume
+              ("update", 2, "raise"),        # mid-update, at once: back to the checkpoint of step 4
+              ("checkpoint", 1, "sigint"),   # mid-checkpoint (step 6): written again, whole
+              ("update", 1, "crash")]        # a crash in step 7: `failed`, back to step 6
+    resumed = interrupted(text_store, tmp_path / "split",
+                          lambda out: run_stage("pretrain", None, PRETRAIN + [f"out={out}"], text_store), script,
+                          monkeypatch)
+    assert_same_run(text_store, whole, resumed, whole_out, tmp_path / "split")
+
+
+@pytest.fixture(scope="module")
+def sft_base(tmp_path_factory):
+    from instar.train.models import save_model
+    from train_fixtures import tiny_model, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    path = tmp_path_factory.mktemp("base")
+    save_model(tiny_model(tok), tok, path / "model")
+    return path
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_sft_resumes_exactly(text_store, sft_base, tmp_path, monkeypatch, lora):
+    sets = FAST + [f"model={sft_base}", "max_steps=6", "save_every=2", "eval_every=3", "dtype=fp32", "batch_size=4",
+                   "max_len=48", "lr=3e-3", f"lora={str(lora).lower()}", "lora_r=4"]
+    train = lambda out: run_stage("sft", None, sets + [f"out={out}"], text_store)  # noqa: E731
+    whole = train(tmp_path / "whole")
+    resumed = interrupted(text_store, tmp_path / "split", train,
+                          [("update", 3, "sigint"), ("eval", 1, "raise"), ("update", 2, "crash")], monkeypatch)
+    assert_same_run(text_store, whole, resumed, tmp_path / "whole", tmp_path / "split")
+
+
+@pytest.mark.parametrize("stage", ["reward", "dpo"])
+def test_pair_stages_resume_exactly(pref_world, tmp_path, monkeypatch, stage):
+    store, base = pref_world
+    sets = [f"model={base}", "max_steps=6", "save_every=2", "eval_every=3", "dtype=fp32", "batch_size=4",
+            "eval_batches=2", "lr=1e-2", "log_every=1"]
+    train = lambda out: run_stage(stage, None, sets + [f"out={out}"], store)  # noqa: E731
+    whole = train(tmp_path / "whole")
+    resumed = interrupted(store, tmp_path / "split", train,
+                          [("checkpoint", 1, "sigint"), ("update", 2, "raise"), ("eval", 1, "raise")], monkeypatch)
+    assert_same_run(store, whole, resumed, tmp_path / "whole", tmp_path / "split")
+
+
+def test_ppo_resumes_exactly_after_every_kind_of_ending(pref_world, tmp_path, monkeypatch):
+    store, base = pref_world
+    whole = run_ppo(store, base, tmp_path / "whole")
+    script = [("ppo.generate", 3, "raise"),      # step 2's rollout (1: the start eval): checkpoint of step 1
+              ("update", 2, "sigint"),           # step 2's 2nd minibatch: the step finishes, checkpoint 2
+              ("eval", 1, "raise"),              # its eval, redone on resume
+              ("update", 6, "raise"),            # step 4 mid-update: back to step 2
+              ("checkpoint", 1, "sigint")]       # the last checkpoint (step 4), written again
+    resumed = interrupted(store, tmp_path / "split", lambda out: run_ppo(store, base, out), script, monkeypatch)
+    assert_same_run(store, whole, resumed, tmp_path / "whole", tmp_path / "split")
+
+
+def run_grpo(store, base, out):
+    from instar.train import train_stage
+    from train_fixtures import planted_math_score
+
+    cfg = load_stage_config("grpo", None, [f"model={base}", f"out={out}", "max_steps=4", "save_every=2",
+                                           "eval_every=2", "epochs=2", *GRPO, "max_new_tokens=12"])
+    return train_stage("grpo", cfg, store, scorer=planted_math_score)
+
+
+@pytest.fixture(scope="module")
+def grpo_base(text_store, tmp_path_factory):
+    from train_fixtures import stopping_base
+
+    return stopping_base(text_store, tmp_path_factory.mktemp("grpo_base"))
+
+
+def test_grpo_resumes_exactly_after_every_kind_of_ending(text_store, grpo_base, tmp_path, monkeypatch):
+    store, base = text_store, grpo_base
+    whole = run_grpo(store, base, tmp_path / "whole")
+    assert runs.metric_series(store, whole["run_id"], "skipped_groups")[0][1] < 1.0  # the planted reward has signal
+    script = [("grpo.generate", 3, "sigint"),    # step 2's rollout: checkpoint of step 1
+              ("update", 1, "sigint"),           # step 2's first epoch: the step finishes, checkpoint 2
+              ("eval", 1, "raise"),              # its eval, redone on resume
+              ("update", 4, "crash"),            # step 4's second epoch: `failed`, back to step 2
+              ("checkpoint", 1, "raise")]        # the last checkpoint (step 4), written again
+    resumed = interrupted(store, tmp_path / "split", lambda out: run_grpo(store, base, out), script, monkeypatch)
+    assert_same_run(store, whole, resumed, tmp_path / "whole", tmp_path / "split")

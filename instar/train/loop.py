@@ -150,6 +150,7 @@ class Run:
     start: dict | None = None
     end: dict | None = None
     values: dict | None = None       # the finished step's metrics, until its evals are done
+    samples: list | None = None      # and a few of its rollouts, when an eval or the end is due
     done: int = -1                   # the last step whose evals, answers and rows are complete
     rng: dict = field(default_factory=rng_state)   # the RNG at the boundary after `step`
     updating: bool = False           # between the step's first backward and its last optimizer step
@@ -170,9 +171,9 @@ def fit(s: Session, st: Stage) -> tuple[dict, dict]:
         run.sched.load_state_dict(state["scheduler"])
         st.restore(state["extra"])
         run.step, run.start, run.end, run.values = state["step"], state["start"], state["end"], state["values"]
-        run.done, run.rng, run.saved = state["done"], state["rng"], state["step"]
+        run.samples, run.done, run.rng, run.saved = state["samples"], state["done"], state["rng"], state["step"]
         set_rng_state(run.rng)
-    s.forget_after(run.step)
+    s.forget_after(run.done)  # rows after the checkpoint, and its step's if its evals are to be redone
     st.model.train()
     progress = make_progress() if s.is_main else contextlib.nullcontext()
     with progress, _sigint_at_boundaries(s, run):
@@ -180,7 +181,7 @@ def fit(s: Session, st: Stage) -> tuple[dict, dict]:
         task = progress.add_task(s.stage, total=cfg.max_steps, completed=run.step, info="") if s.is_main else None
         try:
             if run.done < run.step:
-                _after_step(s, st, lm, run, [])
+                _after_step(s, st, lm, run)
             while run.step < cfg.max_steps:
                 t0 = time.perf_counter()
                 micros = [st.micro((run.step * cfg.grad_accum + m) * s.world + s.rank) for m in range(cfg.grad_accum)]
@@ -203,12 +204,14 @@ def fit(s: Session, st: Stage) -> tuple[dict, dict]:
                 values["sec_per_step"] = seconds
                 if tokens is not None:
                     values["tok/s"] = s.all_sum(tokens) / max(seconds, 1e-9)
+                due = (cfg.eval_every and (run.step + 1) % cfg.eval_every == 0) or run.step + 1 == cfg.max_steps
+                run.samples = st.samples(micros) if st.samples and due else None
                 run.step, run.values, run.rng, run.updating = run.step + 1, values, rng_state(), False
                 if run.stop:
                     raise KeyboardInterrupt
                 if s.is_main:
                     progress.update(task, completed=run.step)
-                _after_step(s, st, lm, run, micros)
+                _after_step(s, st, lm, run)
         except KeyboardInterrupt:
             s.checkpoint_on_interrupt(st, run)
             raise
@@ -217,7 +220,7 @@ def fit(s: Session, st: Stage) -> tuple[dict, dict]:
     return run.start, run.end
 
 
-def _after_step(s: Session, st: Stage, lm, run: Run, micros: list) -> None:
+def _after_step(s: Session, st: Stage, lm, run: Run) -> None:
     """What follows step N (N = 0: the start): its metric row, evals, answers, samples, then a checkpoint when due.
     Rows reach the store only once all of them exist, so an interrupted eval is simply done again on resume."""
     from instar.report import step_line
@@ -234,15 +237,14 @@ def _after_step(s: Session, st: Stage, lm, run: Run, micros: list) -> None:
             values = s.evaluate(lm, st.evaluate)
             rows.append(("metrics", n, values))
             s.say(step_line(n, cfg.max_steps, values))
-        if st.samples and micros and ((cfg.eval_every and n % cfg.eval_every == 0) or last):
-            samples = st.samples(micros)
-            rows.append(("samples", n, samples))
-            if s.is_main and st.table:
-                s.say(st.table(samples, f"step {n}: sampled completions"))
+        if run.samples:
+            rows.append(("samples", n, run.samples))
+            if st.table:
+                s.say(st.table(run.samples, f"step {n}: sampled completions"))
         if last:
             run.end = s.measure(lm, st, "end", n, rows)
     s.write_rows(rows)
-    run.done, run.values = n, None
+    run.done, run.values, run.samples = n, None, None
     if n and ((cfg.save_every and n % cfg.save_every == 0) or last):
         s.checkpoint(st, run)
 

@@ -163,7 +163,8 @@ class Session:
         """Save the state of step `run.step` (see loop.Run), on rank 0."""
         if self.is_main:
             state = {"step": run.step, "optimizer": run.opt.state_dict(), "scheduler": run.sched.state_dict(),
-                     "rng": run.rng, "start": run.start, "end": run.end, "values": run.values, "done": run.done,
+                     "rng": run.rng, "start": run.start, "end": run.end, "values": run.values, "samples": run.samples,
+                     "done": run.done,
                      "extra": st.extra(), "run_id": self.run_id or ""}
             save_checkpoint(self.ckpt, st.model, state, trainable_only=self.cfg.lora)
         run.saved = run.step
