@@ -9,12 +9,6 @@ fp32 on tiny models, where a resumed run is exact: parameters equal to 1e-6 and 
 bitwise). One real subprocess per kind of ending (SIGINT, SIGKILL) checks the CLI's side.
 """
 
-import os
-import signal
-import subprocess
-import sys
-import time
-
 import pytest
 import torch
 

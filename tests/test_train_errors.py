@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from instar.datasets import runs
-from instar.datasets.store import Provenance, Store, record_id, split_of
+from instar.datasets.store import Provenance, record_id, split_of
 from instar.errors import ConfigError, InstarError
 from instar.train import load_stage_config, run_stage
 from train_fixtures import FAST, documents, fill_store
@@ -81,7 +81,8 @@ def test_eval_errors(tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("stage, key", [("grpo", "max_len=64"), ("grpo", "eval_batches=2"), ("grpo", "compile=true"),
-                                        ("ppo", "compile=true"), ("reward", "sample_tokens=8")])
+                                        ("ppo", "compile=true"), ("reward", "sample_tokens=8"),
+                                        ("pretrain", "lora=true")])
 def test_a_key_the_stage_cannot_honour_is_an_error(stage, key):
     """Bug 6 (config side): PPO and GRPO inherited keys they silently ignored."""
     name = key.split("=")[0]

@@ -23,7 +23,7 @@ import torch
 from pydantic import Field
 
 from instar.errors import InstarError
-from instar.train.checkpoint import finished_summary
+from instar.train.checkpoint import finished_summary, has_checkpoint
 from instar.train.config import TrainConfig
 from instar.train.loop import Stage, fit, open_session, supervised
 from instar.train.losses import dpo_loss
@@ -64,7 +64,7 @@ def load_or_compute_reference(s, model, train_pairs, val_pairs, pad_id: int, bat
         ref = torch.load(path, weights_only=True)
         if ref["train"].shape[0] == len(train_pairs) and ref["val"].shape[0] == len(val_pairs):
             return ref
-    if (s.ckpt / "state.pt").exists():
+    if has_checkpoint(s.ckpt):
         raise InstarError(f"{path} is missing or stale but {s.ckpt} exists: the reference can no longer be "
                           f"recomputed from the trained weights; delete {s.out} to start over")
     ref = {name: s.evaluate(model, lambda m, p=p: reference_logps(m, p, pad_id, batch_size))

@@ -2,10 +2,11 @@
 
     score_rows(model, rows, tbytes, batch_size)            packed text rows [N, L] -> {"loss", "bpb", "tokens"}
     score_conversations(model, examples, pad_id, batch_size)  (ids, mask) pairs -> {"loss", "tokens"} on assistant tokens
+    evaluate_math(model, tok, records)                     greedy pass@1 with GRPO's reward functions
     evaluate_file("runs/sft", "val.jsonl") -> {"kind": "messages", "n": 120, "loss": 2.1, "tokens": 9120}
 
 `EVALUATORS` maps a record kind to fn(model, tok, records, opts) -> metrics; a stage adds its kind by
-registering one (GRPO adds "math"). Loss is mean next-token cross-entropy in nats. Bits-per-byte is the
+registering one ("math" scores with GRPO's reward functions). Loss is mean next-token cross-entropy in nats. Bits-per-byte is the
 summed loss of tokens that stand for text, in bits, over the UTF-8 bytes they stand for (special tokens are
 0 bytes and left out, as in nanochat), so it compares models with different tokenizers.
 The file is read by `datasets.jsonl.read_records`, the same shapes `instar data import` reads (Alpaca, TRL
@@ -23,6 +24,8 @@ from typing import Callable
 import torch
 
 from instar.errors import InstarError
+from instar.train.rewards import INSTRUCTION, math_prompt, score
+from instar.train.sampling import generate, stopped
 from instar.train.tokens import collate, pack_documents, render_chat, token_bytes, token_logprobs
 
 
@@ -76,6 +79,26 @@ def render_examples(tok, conversations: list[list[dict]], max_len: int) -> list[
     return out
 
 
+@torch.no_grad()
+def evaluate_math(model, tok, records: list[dict], max_new_tokens: int = 48, instruction: str = INSTRUCTION,
+                  batch_size: int = 64, answers: bool = False) -> dict:
+    """Greedy pass@1 on math records with the training reward functions: accuracy, format rate, reward mean."""
+    rewards, correct, given = [], [], []
+    for i in range(0, len(records), batch_size):
+        rows = records[i:i + batch_size]
+        prompts = [render_chat(tok, math_prompt(r["question"], instruction), add_generation_prompt=True)[0]
+                   for r in rows]
+        gen = generate(model, tok, prompts, max_new_tokens, temperature=0.0)
+        for row, text, ok in zip(rows, gen.texts, stopped(gen, tok).tolist()):
+            r, c = score([text], row) if ok else ([0.0], [False])  # truncated: no reward, as in training
+            rewards.append(r[0])
+            correct.append(c[0])
+            given.append({"question": row["question"], "answer": row["answer"], "completion": text, "correct": c[0]})
+    n = max(len(records), 1)
+    out = {"accuracy": sum(correct) / n, "format_rate": sum(r > 0 for r in rewards) / n, "reward_mean": sum(rewards) / n}
+    return {**out, "answers": given} if answers else out
+
+
 # --- per-kind dispatch -----------------------------------------------------------------------------------
 @dataclass
 class EvalOptions:
@@ -97,8 +120,6 @@ def eval_messages(model, tok, records: list[dict], opts: EvalOptions) -> dict:
 
 def eval_math(model, tok, records: list[dict], opts: EvalOptions) -> dict:
     """Greedy pass@1 with GRPO's own reward functions; the answers it gave come back too."""
-    from instar.train.grpo import evaluate_math
-
     return evaluate_math(model, tok, records, max_new_tokens=min(opts.max_len, 128), batch_size=opts.batch_size,
                          answers=True)
 

@@ -43,12 +43,13 @@ from instar.errors import InstarError
 from instar.generate.procedural import FAMILIES, MAX_DIFFICULTY, make_problems
 from instar.train.checkpoint import finished_summary
 from instar.train.config import TrainConfig
+from instar.train.evaluate import evaluate_math
 from instar.train.loop import Closure, Stage, autocast, fit, open_session
 from instar.train.losses import grpo_loss, group_advantages
 from instar.train.models import load_model, unwrap, wrap_lora
 from instar.train.rewards import INSTRUCTION, math_prompt, score
-from instar.train.sampling import attention_kernel, generate
-from instar.train.tokens import render_chat, stop_ids, token_logprobs
+from instar.train.sampling import attention_kernel, generate, stopped
+from instar.train.tokens import render_chat, token_logprobs
 
 HELDOUT_SEED = -1  # held-out problems come from this seed whatever cfg.seed is: SFT math conversations stored by a
                    # run with one seed must not contain the held-out problems of a run with another (they did:
@@ -162,12 +163,6 @@ class AdapterOff:
             return self.policy(**inputs)
 
 
-def finished(gen, tok) -> torch.Tensor:
-    """[B] bool: the completion ended with a stop token (False = truncated at max_new_tokens)."""
-    stops = torch.tensor(stop_ids(tok), device=gen.completion_ids.device)
-    return (torch.isin(gen.completion_ids, stops) & gen.completion_mask.bool()).any(dim=1).cpu()
-
-
 def rollout(model, tok, rows: list[dict], cfg: Config, seed: int, bf16: bool, device, scorer: Scorer = score) -> dict:
     """G completions per problem, their rewards (0 when truncated), correctness and advantages."""
     G = cfg.group_size
@@ -176,7 +171,7 @@ def rollout(model, tok, rows: list[dict], cfg: Config, seed: int, bf16: bool, de
     with autocast(device, bf16):
         gen = generate(model, tok, [p for p in prompts for _ in range(G)], cfg.max_new_tokens, cfg.temperature,
                        cfg.top_k or None, seed=seed)
-    done = finished(gen, tok)                                                                  # [P*G]
+    done = stopped(gen, tok)                                                                   # [P*G]
     rewards, correct = [], []
     for i, row in enumerate(rows):
         r, c = scorer(gen.texts[i * G:(i + 1) * G], row)
@@ -268,27 +263,7 @@ def metrics(s, micros: list[dict], sums: dict, has_ref: bool) -> dict:
             "difficulty": micros[0]["level"]}
 
 
-# --- evaluation --------------------------------------------------------------------------------------------------
-@torch.no_grad()
-def evaluate_math(model, tok, records: list[dict], max_new_tokens: int = 48, instruction: str = INSTRUCTION,
-                  batch_size: int = 64, answers: bool = False) -> dict:
-    """Greedy pass@1 on math records with the training reward functions: accuracy, format rate, reward mean."""
-    rewards, correct, given = [], [], []
-    for i in range(0, len(records), batch_size):
-        rows = records[i:i + batch_size]
-        prompts = [render_chat(tok, math_prompt(r["question"], instruction), add_generation_prompt=True)[0]
-                   for r in rows]
-        gen = generate(model, tok, prompts, max_new_tokens, temperature=0.0)
-        for row, text, ok in zip(rows, gen.texts, finished(gen, tok).tolist()):
-            r, c = score([text], row) if ok else ([0.0], [False])  # truncated: no reward, as in training
-            rewards.append(r[0])
-            correct.append(c[0])
-            given.append({"question": row["question"], "answer": row["answer"], "completion": text, "correct": c[0]})
-    n = max(len(records), 1)
-    out = {"accuracy": sum(correct) / n, "format_rate": sum(r > 0 for r in rewards) / n, "reward_mean": sum(rewards) / n}
-    return {**out, "answers": given} if answers else out
-
-
+# --- samples -----------------------------------------------------------------------------------------------------
 def sample_rows(rows: list[dict], ro: dict, G: int, per_step: int = 4) -> list[dict]:
     """A few (prompt, completion, reward, advantage) rows of one rollout for the table and the run tables."""
     out = []

@@ -39,7 +39,10 @@ import torch
 from instar.errors import InstarError
 from instar.train.config import TrainConfig
 from instar.train.sampling import attention_kernel
-from instar.train.session import Session, autocast, open_session, rng_state, set_rng_state  # noqa: F401 (API)
+from instar.train.session import Session, autocast, open_session, rng_state, set_rng_state
+
+__all__ = ["Stage", "fit", "supervised", "open_session", "autocast", "make_optimizer", "make_scheduler",
+           "optimizer_step"]  # what stages import from here (open_session and autocast live in session.py)
 
 Closure = Callable[[torch.nn.Module], tuple[torch.Tensor, dict]]  # model -> (loss share, stats to add up)
 

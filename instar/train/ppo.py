@@ -75,9 +75,6 @@ class Config(TrainConfig):
         return self
 
 
-Scorer = Callable[[dict], torch.Tensor]  # batch {"input_ids", "attention_mask", "labels"} -> [B] scores
-
-
 # --- data ------------------------------------------------------------------------------------------------
 def prompts_from_store(store, tok, split: str, max_len: int) -> tuple[list[list[int]], list[str]]:
     """Distinct rendered prompts (ending with the assistant header) of the stored preference pairs, and
@@ -90,6 +87,10 @@ def prompts_from_store(store, tok, split: str, max_len: int) -> tuple[list[list[
             ids_out.append(list(ids))
             texts.append(r["prompt"][-1]["content"])
     return ids_out, texts
+
+
+# --- rollouts ------------------------------------------------------------------------------------------------
+Scorer = Callable[[dict], torch.Tensor]  # batch {"input_ids", "attention_mask", "labels"} -> [B] scores
 
 
 class PolicyWithValue(torch.nn.Module):
@@ -193,9 +194,18 @@ def metrics(micros: list[dict], sums: dict, updates_per_step: int) -> dict:
             **{k: v / (updates_per_step * n) for k, v in sums.items()}}
 
 
+# --- samples -----------------------------------------------------------------------------------------------------
+def sample_rows(r: dict, per_step: int = 4) -> list[dict]:
+    """A few (prompt, response, reward) rows of one rollout batch for the table and the run tables."""
+    return [{"prompt": q, "completion": t, "reward": float(sc), "tag": "rollout"}
+            for q, t, sc in zip(r["questions"], r["texts"], r["scores"])][:per_step]
+
+
 # ---------------------------------------------------------------------------------------------------------
 def run(cfg: Config, store, scorer: Scorer | None = None) -> dict:
     """Train; `scorer` replaces the reward model (tests plant a known reward this way)."""
+    from instar.report import ppo_samples_table
+
     if (done := finished_summary(cfg.out)) is not None:
         return {**done, "already_done": True}
     store.require("preference", "train", 1)
@@ -244,17 +254,11 @@ def run(cfg: Config, store, scorer: Scorer | None = None) -> dict:
         return {"reward_mean": sum(scores) / len(scores), "kl": sum(kls) / len(kls),
                 "response_length": sum(lens) / len(lens)}
 
-    def samples(micros):
-        r = micros[0]
-        return [{"prompt": q, "completion": t, "reward": float(sc), "tag": "rollout"}
-                for q, t, sc in zip(r["questions"], r["texts"], r["scores"])][:4]
-
-    from instar.report import ppo_samples_table
-
     per_step = (cfg.batch_size // cfg.mini_batch_size) * cfg.ppo_epochs
     start, end = fit(s, Stage(policy, tok, micro=micro, updates=lambda micros: updates(s, cfg, micros),
                               evaluate=evaluate, metrics=lambda micros, sums: metrics(micros, sums, per_step),
-                              lm=policy.lm, samples=samples, table=ppo_samples_table, per_step=per_step))
+                              lm=policy.lm, samples=lambda micros: sample_rows(micros[0]), table=ppo_samples_table,
+                              per_step=per_step))
     return s.finish(policy.lm, tok, start=start, end=end)
 
 
