@@ -1,9 +1,12 @@
-"""One PPO or GRPO run with a planted reward, for `torchrun` (tests/test_train_loop.py): the planted reward cannot
-cross a process boundary as a config key, so the test launches this file instead of `instar train`.
+"""PPO and GRPO runs with a planted reward, for `torchrun` (tests/test_train_loop.py): the planted reward cannot
+cross a process boundary as a config key, so the test launches this file instead of `instar train`. One launch
+runs every job of JOBS.json in turn (a torchrun start costs more than a tiny run).
 
-    python -m torch.distributed.run --standalone --nproc_per_node=2 tests/ddp_worker.py grpo DB key=value ...
+    python -m torch.distributed.run --standalone --nproc_per_node=2 tests/ddp_worker.py DB JOBS.json
+    JOBS.json: [["ppo", ["model=...", "out=...", ...]], ["grpo", [...]]]
 """
 
+import json
 import sys
 
 from instar.datasets.store import Store
@@ -11,15 +14,14 @@ from instar.train import load_stage_config, stage_module
 from instar.train.models import load_model
 
 
-def main(stage: str, db: str, *sets: str) -> None:
+def main(db: str, jobs: str) -> None:
     from test_pref_stages import planted_scorer
     from train_fixtures import planted_math_score
 
-    cfg = load_stage_config(stage, None, list(sets))
-    if stage == "ppo":
-        stage_module(stage).run(cfg, Store.open(db), scorer=planted_scorer(load_model(cfg.model)[1]))
-    else:
-        stage_module(stage).run(cfg, Store.open(db), scorer=planted_math_score)
+    for stage, sets in json.loads(open(jobs).read()):
+        cfg = load_stage_config(stage, None, sets)
+        scorer = planted_scorer(load_model(cfg.model)[1]) if stage == "ppo" else planted_math_score
+        stage_module(stage).run(cfg, Store.open(db), scorer=scorer)
 
 
 if __name__ == "__main__":

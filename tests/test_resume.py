@@ -112,7 +112,7 @@ def test_grpo_ctrl_c_leaves_a_checkpoint_to_resume_from(pref_world, tmp_path, mo
     from instar.train import grpo
 
     store, base = pref_world
-    on_call(monkeypatch, grpo, "generate", 4, "raise")  # generate call 1 is the start measure's; 4 = step 3's rollout
+    on_call(monkeypatch, grpo, "generate", 3, "raise")  # step 3's rollout (evals generate through evaluate.py)
     with pytest.raises(KeyboardInterrupt):
         run_stage("grpo", None, [f"model={base}", f"out={tmp_path}/g", "max_steps=6", "save_every=0",
                                  "eval_every=0", *GRPO], store)
@@ -264,7 +264,7 @@ def test_grpo_resumes_exactly_after_every_kind_of_ending(text_store, grpo_base, 
     store, base = text_store, grpo_base
     whole = run_grpo(store, base, tmp_path / "whole")
     assert runs.metric_series(store, whole["run_id"], "skipped_groups")[0][1] < 1.0  # the planted reward has signal
-    script = [("grpo.generate", 3, "sigint"),    # step 2's rollout: checkpoint of step 1
+    script = [("grpo.generate", 2, "sigint"),    # step 2's rollout: checkpoint of step 1
               ("update", 1, "sigint"),           # step 2's first epoch: the step finishes, checkpoint 2
               ("eval", 1, "raise"),              # its eval, redone on resume
               ("update", 4, "crash"),            # step 4's second epoch: `failed`, back to step 2

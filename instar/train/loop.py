@@ -39,7 +39,7 @@ import torch
 from instar.errors import InstarError
 from instar.train.config import TrainConfig
 from instar.train.sampling import attention_kernel
-from instar.train.session import Session, autocast, open_session, rng_state, set_rng_state
+from instar.train.session import Session, autocast, open_session, rng_state, set_rng_state, sum_across_ranks
 
 __all__ = ["Stage", "fit", "supervised", "open_session", "autocast", "make_optimizer", "make_scheduler",
            "optimizer_step"]  # what stages import from here (open_session and autocast live in session.py)
@@ -47,7 +47,7 @@ __all__ = ["Stage", "fit", "supervised", "open_session", "autocast", "make_optim
 Closure = Callable[[torch.nn.Module], tuple[torch.Tensor, dict]]  # model -> (loss share, stats to add up)
 
 
-# --- optimiser and schedule ---------------------------------------------------------------------------------
+# --- optimiser and schedule ---------------------------------------------------------------------------------------
 def make_optimizer(cfg: TrainConfig, model) -> torch.optim.AdamW:
     """AdamW over trainable params; weight decay only on matrices (decaying norms/biases hurts small models)."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -88,28 +88,7 @@ def optimizer_step(params: list, opt, sched, cfg: TrainConfig, world: int = 1) -
     return norm
 
 
-def sum_across_ranks(params: list, bucket: int = 1 << 24) -> None:
-    """p.grad <- the sum over ranks, in flat buckets of up to 16M values; a parameter no rank has a gradient
-    for keeps none (AdamW then skips it, as a single process would)."""
-    has = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=params[0].device)
-    torch.distributed.all_reduce(has)
-    live = [p for p, h in zip(params, has.tolist()) if h > 0]
-    for p in live:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    start = 0
-    while start < len(live):
-        end, size = start, 0
-        while end < len(live) and (end == start or size + live[end].numel() <= bucket):
-            size, end = size + live[end].numel(), end + 1
-        flat = torch.cat([p.grad.flatten() for p in live[start:end]])
-        torch.distributed.all_reduce(flat)
-        for p, g in zip(live[start:end], flat.split([p.numel() for p in live[start:end]])):
-            p.grad.copy_(g.view_as(p))
-        start = end
-
-
-# --- what a stage supplies ------------------------------------------------------------------------------------
+# --- what a stage supplies ----------------------------------------------------------------------------------------
 @dataclass
 class Stage:
     model: torch.nn.Module                       # what trains and is checkpointed (PPO: policy + value head)
@@ -143,7 +122,7 @@ def _batch_share(s: Session, loss_fn, model, batch: dict, accum: int):
     return loss / (accum * s.world), {"loss": float(loss.detach()) / accum, "tokens": tokens}
 
 
-# --- the loop ----------------------------------------------------------------------------------------------------
+# --- the loop -----------------------------------------------------------------------------------------------------
 @dataclass
 class Run:
     """Where a fit stands: the step finished last, and what a checkpoint of it must hold."""

