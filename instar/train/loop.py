@@ -53,7 +53,7 @@ def make_optimizer(cfg: TrainConfig, model) -> torch.optim.AdamW:
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    try:  # fused: the optimizer step ~2.5x cheaper on a 2-core CPU (bench/README.md)
+    try:  # fused: the optimizer step ~2.5x cheaper on a 2-core CPU (docs/measured-facts.md)
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=True)
     except (RuntimeError, TypeError):
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))

@@ -42,7 +42,7 @@ def resolve_device(cfg: TrainConfig) -> torch.device:
 
 
 def use_bf16(cfg: TrainConfig, device: torch.device) -> bool:
-    """bf16 autocast: ~2.3x the fp32 matmul rate on AVX512-BF16 CPUs (bench/README.md), native on recent GPUs.
+    """bf16 autocast: ~2.3x the fp32 matmul rate on AVX512-BF16 CPUs (docs/measured-facts.md), native on GPUs.
     Not on MPS, where autocast's bf16 coverage is partial: fp32 there."""
     if cfg.dtype == "fp32":
         return False
