@@ -15,7 +15,7 @@ temperature 0.7, lr 1e-4 constant-then-cosine as each trainer does it, bf16 auto
 `log_kl=false` so neither side pays for a reference forward.
 Timing: seconds per step are medians after the first 3 steps — instar's from its own `sec_per_step` metric rows,
 TRL's from a callback's on_step_begin/on_step_end. Held-out greedy pass@1 (the same 59 problems, the same
-`grpo.evaluate_math`) every `--every` steps; evaluation time is excluded from both clocks.
+`evaluate.evaluate_math`) every `--every` steps; evaluation time is excluded from both clocks.
 Each side runs `--repeats` times, alternating, because single runs on the shared 2-core box swung the ratio
 from 0.6x to 1.4x. OpenMP's wait policy is chosen as `instar train` chooses it (spin on a quiet machine, PASSIVE on a
 busy one; `instar.runtime.choose_openmp_wait_policy`) and holds for both trainers: they share the process. Simplifications: TRL scores truncated
@@ -44,7 +44,8 @@ from instar.datasets import runs  # noqa: E402
 from instar.datasets.store import Provenance, Store  # noqa: E402
 from instar.generate.procedural import make_problems  # noqa: E402
 from instar.train import run_stage  # noqa: E402
-from instar.train.grpo import Config, Problems, evaluate_math  # noqa: E402
+from instar.train.evaluate import evaluate_math  # noqa: E402
+from instar.train.grpo import Config, Problems  # noqa: E402
 from instar.train.rewards import format_answer, score  # noqa: E402
 
 FAMILIES = ["arithmetic", "money"]

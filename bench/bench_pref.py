@@ -156,7 +156,7 @@ def main() -> None:
             ppo_sets = [f"model={base}", f"max_steps={args.ppo_steps}", f"dtype={args.dtype}", f"out={root}/ppo",
                         f"reward_model={root}/reward", "batch_size=16", "mini_batch_size=8", "max_new_tokens=32"]
             rows.append(("ppo (16 rollouts x 32 tokens, 4 epochs)", median(instar_times("ppo", store, ppo_sets,
-                                                                                      "reward")), None))
+                                                                                      "rollout_reward")), None))
             table += [(preset, *row) for row in rows]
     # printed at the end: the stages' progress bars and step lines scroll above
     print(f"\ntorch {torch.__version__}, threads {torch.get_num_threads()}, TRL {trl_version or 'absent'}, "

@@ -53,7 +53,7 @@ def main() -> None:
     except typer.Abort:
         sys.exit(1)
     if code == 130:
-        err_console.print("[yellow]interrupted[/]: progress so far is saved; run the same command to resume")
+        err_console.print("[yellow]interrupted[/]: run the same command to resume (from the last checkpoint, if any)")
     sys.exit(code if type(code) is int else 0)
 
 

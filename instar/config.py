@@ -83,6 +83,8 @@ def validate(model: type[T], data: dict, source: str = "config") -> T:
         key = ".".join(str(p) for p in err["loc"]) or "(root)"
         if err["type"] == "extra_forbidden":
             raise ConfigError(f"{source}: unknown key {key!r}") from None
+        if not err["loc"]:  # a check across keys (a model validator): its message names them
+            raise ConfigError(f"{source}: {err['msg'].removeprefix('Value error, ')}") from None
         raise ConfigError(f"{source}: {key}: {err['msg']}") from None
 
 

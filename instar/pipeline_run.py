@@ -293,7 +293,7 @@ def run_pipeline(cfg: PipelineConfig, store, console) -> dict:
     # Before `instar.train` loads torch: the teacher may be llama.cpp, which needs OpenMP's PASSIVE policy.
     choose_openmp_wait_policy(llama_cpp=cfg.teacher.backend in ("embedded", "llamacpp"))
     from instar.report_card import report
-    from instar.train import stage_module
+    from instar.train import train_stage
 
     configs = stage_configs(cfg)  # config mistakes surface here, before minutes of generation
     pid = pipeline_row(store, cfg)
@@ -308,10 +308,12 @@ def run_pipeline(cfg: PipelineConfig, store, console) -> dict:
             t = time.perf_counter()
             console.rule(f"[bold]{stage}")
             adopt(store, Path(scfg.out), pid)  # a stage interrupted last time shows in the card meanwhile
-            result = stage_module(stage).run(scfg, store)
+            try:
+                result = train_stage(stage, scfg, store)
+            finally:  # a stage that stopped early is this pipeline's too (and shows how it ended)
+                adopt(store, Path(scfg.out), pid)
             if result.get("already_done"):
                 console.print(f"{stage}: already finished in {scfg.out}, skipped")
-            adopt(store, Path(scfg.out), pid)
             summary["stages"][stage] = {"run_id": result.get("run_id"), "out": scfg.out,
                                         "start": result.get("start"), "end": result.get("end")}
             summary["seconds"][stage] = round(time.perf_counter() - t, 1)

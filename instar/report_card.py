@@ -39,7 +39,7 @@ METRICS = {"val_loss": ("val loss", True), "val_bpb": ("val bits/byte", True), "
            "accuracy": ("math accuracy", False), "pass_rate": ("pass rate", False)}
 # Curves worth a plot, most telling first; any other logged series follows up to MAX_CURVES per stage.
 CURVE_PRIORITY = ("loss", "val_loss", "val_bpb", "reward_mean", "accuracy", "pair_accuracy", "kl", "pass_rate")
-SKIP_CURVES = ("lr", "tok/s", "tokens_per_s", "step_s", "grad_norm")
+SKIP_CURVES = ("lr", "tok/s", "tokens_per_s", "step_s", "sec_per_step", "grad_norm")
 MAX_CURVES = 6
 
 
@@ -54,6 +54,7 @@ class StageCard:
     end: dict = field(default_factory=dict)
     answers: dict[str, dict[str, str]] = field(default_factory=dict)  # prompt -> {"start": ..., "end": ...}
     curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    memory: str = ""  # the stage's peak memory, e.g. "612 MB RAM, 2,410 MB GPU"
 
     @property
     def label(self) -> str:
@@ -139,7 +140,7 @@ def stage_card(store: Store, row: dict) -> StageCard:
     seconds = (row["finished_at"] or time.time()) - row["started_at"] if row.get("started_at") else None
     card = StageCard(run_id=row["id"], stage=row["stage"], status=row["status"], seconds=seconds,
                      data=summary.get("data") or {}, start=numeric(summary.get("start")),
-                     end=numeric(summary.get("end")))
+                     end=numeric(summary.get("end")), memory=memory_text(summary))
     for sample in runs.run_samples(store, row["id"]):
         extra = json.loads(sample["extra"]) if sample.get("extra") else {}
         if extra.get("tag") == "report" and extra.get("when") in ("start", "end") and sample["prompt"]:
@@ -153,6 +154,13 @@ def stage_card(store: Store, row: dict) -> StageCard:
         if len(card.curves) == MAX_CURVES:
             break
     return card
+
+
+def memory_text(summary: dict) -> str:
+    """Peak memory from a stage summary: the process's peak RSS, and CUDA's peak allocation when on a GPU."""
+    parts = [f"{summary[k]:,.0f} MB {what}" for k, what in (("peak_rss_mb", "RAM"), ("peak_cuda_mb", "GPU"))
+             if isinstance(summary.get(k), (int, float))]
+    return ", ".join(parts)
 
 
 def numeric(values: dict | None) -> dict[str, float]:
@@ -241,6 +249,8 @@ def render_terminal(card: Card, console, html_file: Path | None = None, width: i
                             f"{next(iter(s.curves))} {curve}" if i == 0 and curve else "")
         if not keys:
             numbers.add_row(s.label, f"[dim]{s.status}, no summary[/]", "", "", "", "")
+        if s.memory:
+            numbers.add_row("", "peak memory", "", s.memory, "", "")
         numbers.add_section()
     console.print(numbers)
     render_quality(None, console, card.data_quality)
@@ -257,6 +267,8 @@ def render_terminal(card: Card, console, html_file: Path | None = None, width: i
 
 def pipeline_line(card: Card) -> str:
     """A pipeline's dataset sizes and time per phase, from its summary (empty for a single stage run)."""
+    if card.run.get("kind") != "pipeline":  # a stage's summary `data` holds other things (its base model...)
+        return ""
     summary = card.run.get("summary") or {}
     data = ", ".join(f"{k} {v:,}" for k, v in (summary.get("data") or {}).items())
     secs = ", ".join(f"{k} {duration(v)}" for k, v in (summary.get("seconds") or {}).items())
@@ -323,6 +335,9 @@ def write_html(card: Card, path: Path) -> Path:
             parts.append(f"<tr><td>{e(s.label) if i == 0 else ''}</td><td>{e(metric_label(k)) if k else e(s.status)}"
                          f"</td><td class=num>{fmt(s.start.get(k))}</td><td class=num>{fmt(s.end.get(k))}</td>"
                          f"<td class='num {cls}'>{text}</td><td>{e(data) if i == 0 else ''}</td></tr>")
+        if s.memory:
+            parts.append(f"<tr><td></td><td>peak memory</td><td></td><td class=num>{e(s.memory)}</td><td></td>"
+                         "<td></td></tr>")
     parts.append("</table>")
     if card.data_quality:  # the data every stage learned from: how much of it, how varied, how clean
         head = ("kind", "records", "acceptance", "distinct-2", "near dups", "words p10/med/p90", "top failure reasons")

@@ -37,7 +37,7 @@ def choose_openmp_wait_policy(llama_cpp: bool = False) -> str:
 
     PASSIVE (idle OpenMP threads sleep) whenever llama.cpp will run in this process: with spinning threads its
     first grammar-constrained call stalled 10-200 s in 11 of 12 fresh processes (measured on this project's 2-core
-    machines; bench/README.md). For torch alone it depends on the machine, measured on GRPO steps (2 cores, 2
+    machines; docs/measured-facts.md). For torch alone it depends on the machine, measured on GRPO steps (2 cores, 2
     threads): on a quiet machine spinning is 1.6x faster (0.15 vs 0.245 s/step), with one other busy process PASSIVE
     is 2.2x faster (0.26 vs 0.56), with two 2.4x (0.28 vs 0.68). So: PASSIVE unless the CPU is idle now."""
     if "OMP_WAIT_POLICY" not in os.environ and (llama_cpp or cpu_busy()):

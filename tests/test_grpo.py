@@ -70,17 +70,28 @@ def test_loss_clips_the_ratio_and_adds_k3_kl_with_beta():
 
 
 def test_a_step_whose_groups_all_have_equal_rewards_updates_nothing():
-    from instar.train.grpo import update
-    from instar.train.loop import make_optimizer, make_scheduler
+    """No informative group: the update has no closures at all, and the loop's optimizer steps without gradients
+    (grad_clip 0 included: it used to die stacking no gradient norms) leave the weights alone."""
+    from types import SimpleNamespace
 
-    cfg = Config(epochs=2, max_steps=10, warmup=0)
+    from instar.train.grpo import updates
+    from instar.train.loop import make_optimizer, make_scheduler, optimizer_step
+    from instar.train.sampling import Completions
+
+    cfg = Config(epochs=2, max_steps=10, warmup=0, grad_clip=0)
     model = torch.nn.Linear(2, 2)
     before = [p.detach().clone() for p in model.parameters()]
     opt = make_optimizer(cfg, model)
-    sched = make_scheduler(cfg.model_copy(update={"max_steps": 20}), opt)
+    sched = make_scheduler(cfg, opt, per_step=cfg.epochs)
     rewards = torch.tensor([[1.1, 1.1], [0.0, 0.0]])  # all right / all wrong: no signal
-    ro = {"gen": None, "adv": group_advantages(rewards).flatten(), "informative": rewards.max(1).values > rewards.min(1).values}
-    assert update(model, None, opt, sched, cfg, ro, torch.device("cpu"), False) == {"clip_frac": 0.0, "kl": None}
+    ones = torch.ones(4, 3, dtype=torch.long)
+    ro = {"gen": Completions([""] * 4, ones, ones, ones, ones), "adv": group_advantages(rewards).flatten(),
+          "informative": rewards.max(1).values > rewards.min(1).values}
+    s = SimpleNamespace(device=torch.device("cpu"), bf16=False, all_sum=lambda x: sum(x) if isinstance(x, list) else x)
+    groups = updates(s, model, None, cfg.model_copy(update={"group_size": 2}), [ro])
+    assert groups == [[], []]
+    for _ in groups:
+        assert optimizer_step(list(model.parameters()), opt, sched, cfg) == 0.0
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert sched.last_epoch == 2  # the schedule still advances one step per epoch
 
@@ -245,7 +256,7 @@ def test_every_trainable_parameter_changes_and_loss_is_finite(arith_world, tmp_p
     assert series["kl"][-1][1] > 0  # the policy moved away from the reference
     assert [step for step, _ in runs.metric_series(store, summary["run_id"], "accuracy")] == [0, 1, 2]
     rows = [r for r in runs.run_samples(store, summary["run_id"]) if json.loads(r["extra"] or "{}").get("tag") == "grpo"]
-    assert rows and all(r["step"] == 1 and r["prompt"] and r["reward"] is not None for r in rows)
+    assert rows and {r["step"] for r in rows} == {1, 2} and all(r["prompt"] and r["reward"] is not None for r in rows)
     assert all("advantage" in json.loads(r["extra"]) for r in rows)
     assert "accuracy" in summary["start"] and "reward_mean" in summary["end"]
 
@@ -258,7 +269,7 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(arith_world, tmp_path
     sets = [f"model={sft}", "max_steps=4", "lr=1e-3", "eval_problems=8", "eval_every=0", "log_kl=false"] + GRPO_FAST
     straight = run_stage("grpo", None, sets + [f"out={tmp_path / 'a'}"], store)
 
-    real_update, calls = grpo.update, {"n": 0}
+    real_update, calls = grpo.updates, {"n": 0}
 
     def crash_on_third(*args, **kwargs):
         calls["n"] += 1
@@ -266,12 +277,12 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(arith_world, tmp_path
             raise RuntimeError("simulated crash")
         return real_update(*args, **kwargs)
 
-    monkeypatch.setattr(grpo, "update", crash_on_third)
+    monkeypatch.setattr(grpo, "updates", crash_on_third)
     b = tmp_path / "b"
     with pytest.raises(RuntimeError, match="simulated crash"):
         run_stage("grpo", None, sets + [f"out={b}", "save_every=2"], store)
     assert (b / "checkpoint" / "state.pt").exists() and not (b / "summary.json").exists()
-    monkeypatch.setattr(grpo, "update", real_update)
+    monkeypatch.setattr(grpo, "updates", real_update)
     resumed = run_stage("grpo", None, sets + [f"out={b}", "save_every=2"], store)
     assert resumed["run_id"] != straight["run_id"]
     assert json.loads((b / "run.json").read_text())["run_id"] == resumed["run_id"]  # the id survived the crash

@@ -41,10 +41,28 @@ def test_reward_model_learns_planted_preference(world, tmp_path):
     assert torch.allclose(score(after, padded, att), score(after, padded[:, :len(ids)], att[:, :len(ids)]), atol=1e-5)
 
 
-def test_reward_refuses_lora(world, tmp_path):
+def test_reward_model_with_lora_trains_adapters_and_its_head_then_merges(world, tmp_path):
+    from safetensors.torch import load_file
+
+    from instar.train.reward import load_reward_model
+
     store, base = world
-    with pytest.raises(ConfigError, match="lora"):
-        run_stage("reward", None, [f"model={base}", f"out={tmp_path}/r", "lora=true"], store)
+    out = tmp_path / "reward_lora"
+    summary = run_stage("reward", None, [f"model={base}", f"out={out}", "max_steps=6", "lr=1e-2", "batch_size=8",
+                                         "warmup=0", "eval_every=0", "dtype=fp32", "lora=true", "lora_r=4",
+                                         "save_every=3"], store)
+    assert summary["data"]["trainable_params"] < 20_000  # adapters + the score head
+    ckpt = load_file(str(out / "checkpoint" / "model.safetensors"))
+    assert any("lora_" in k for k in ckpt) and any("score" in k for k in ckpt)
+    assert all("lora_" in k or "score" in k for k in ckpt)  # adapters and head only
+    torch.manual_seed(0)  # the run seeds the same way before building its head
+    before, _ = load_reward_model(str(base))
+    after, _ = load_reward_model(str(out))  # a plain sequence-classification model
+    assert not any("lora" in k for k in after.state_dict())
+    assert not torch.equal(before.score.weight, after.score.weight)  # the head trained
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(before.state_dict()[q], after.state_dict()[q])  # the adapters merged in
+    assert summary["end"]["margin"] > summary["start"]["margin"]
 
 
 # --- DPO ---------------------------------------------------------------------------------------------------
@@ -135,9 +153,9 @@ def test_ppo_raises_planted_reward_with_bounded_kl(world, tmp_path):
     assert start["kl"] == pytest.approx(0.0, abs=1e-6)                    # policy == reference at the start
     assert end["reward_mean"] > start["reward_mean"] + 0.05, summary
     assert 0 < end["kl"] < 10.0
-    series = dict(runs.metric_series(store, summary["run_id"], "reward"))
-    assert set(series) == {5, 10}
-    for name in ("kl", "entropy", "clip_frac", "response_length", "value_loss"):
+    series = dict(runs.metric_series(store, summary["run_id"], "rollout_reward"))
+    assert set(series) == set(range(1, 11))  # stored every step; log_every paces the step line
+    for name in ("rollout_kl", "entropy", "clip_frac", "rollout_length", "value_loss"):
         assert runs.metric_series(store, summary["run_id"], name), name
     assert any(r["reward"] is not None for r in runs.run_samples(store, summary["run_id"]))
     after, _ = load_model(out)

@@ -7,9 +7,9 @@ import sys
 import pytest
 
 from instar.datasets import runs
-from instar.datasets.store import Provenance, Store, record_id, split_of
+from instar.datasets.store import Provenance, record_id, split_of
 from instar.errors import ConfigError, InstarError
-from instar.train import run_stage
+from instar.train import load_stage_config, run_stage
 from train_fixtures import FAST, documents, fill_store
 
 
@@ -78,3 +78,33 @@ def test_eval_errors(tmp_path, monkeypatch, capsys):
     bad.write_text(json.dumps({"text": "ok"}) + "\n" + "{broken\n")
     code, err = cli(monkeypatch, capsys, "eval", str(tmp_path / "nowhere"), "--data", str(bad))
     assert code == 1 and "bad.jsonl:2" in err
+
+
+@pytest.mark.parametrize("stage, key", [("grpo", "max_len=64"), ("grpo", "eval_batches=2"), ("grpo", "compile=true"),
+                                        ("ppo", "compile=true"), ("reward", "sample_tokens=8"),
+                                        ("pretrain", "lora=true")])
+def test_a_key_the_stage_cannot_honour_is_an_error(stage, key):
+    """Bug 6 (config side): PPO and GRPO inherited keys they silently ignored."""
+    name = key.split("=")[0]
+    with pytest.raises(ConfigError, match=f"{name}.*{stage}|{stage}.*{name}"):
+        load_stage_config(stage, None, [key])
+
+
+def test_eval_reads_the_shapes_data_import_reads(tmp_path):
+    """Bug 7: `instar eval` had its own JSONL reader, which refused {"prompt", "answer"} and Alpaca lines."""
+    from instar.train.evaluate import evaluate_file
+    from instar.train.models import save_model
+    from train_fixtures import tiny_model, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    save_model(tiny_model(tok), tok, tmp_path / "m")
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"prompt": "What is 2 + 3?", "answer": 5}) + "\n")
+    got = evaluate_file(tmp_path / "m", data, max_len=8)
+    assert got["kind"] == "math" and got["n"] == 1 and got["accuracy"] == 0.0
+    data.write_text(json.dumps({"instruction": "Say hi.", "input": "", "output": "the cat sees a red ball."}) + "\n")
+    got = evaluate_file(tmp_path / "m", data)
+    assert got["kind"] == "messages" and got["n"] == 1 and got["tokens"] > 5
+    data.write_text(json.dumps({"text": "the cat"}) + "\n" + json.dumps({"messages": []}) + "\n")
+    with pytest.raises(InstarError, match="d.jsonl:2"):
+        evaluate_file(tmp_path / "m", data)

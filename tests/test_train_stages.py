@@ -91,6 +91,35 @@ def test_sft_lora_merges_into_a_plain_model(world):
     assert summary["end"]["val_loss"] < summary["start"]["val_loss"]
 
 
+def test_continued_pretraining_with_lora_trains_adapters_only(world):
+    root, store, _ = world
+    summary = run_stage("pretrain", None, FAST + [f"model={root}/pretrain", f"out={root}/cpt", "max_steps=4",
+                                                  "lora=true", "lora_r=4", "lr=3e-3", "eval_every=0"], store)
+    before, after = weights(root / "pretrain"), weights(root / "cpt")
+    assert set(before) == set(after)
+    assert all((not torch.equal(before[n], after[n])) == n.endswith("proj.weight") for n in after)
+    assert summary["end"]["val_loss"] < summary["start"]["val_loss"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-stage peak RSS needs Linux's clear_refs")
+def test_peak_memory_is_the_stages_own_and_on_the_report_card(world, tmp_path):
+    from rich.console import Console
+
+    from instar.report_card import build_card, render_terminal
+
+    root, store, _ = world
+    big = b"\x01" * (600 * 2 ** 20)  # the process's peak is now 600 MB above the stage's
+    del big
+    hwm = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM")) / 1024
+    summary = run_stage("sft", None, FAST + [f"model={root}/pretrain", f"out={tmp_path}/sft", "max_steps=2",
+                                             "eval_every=0"], store)
+    assert 100 < summary["peak_rss_mb"] < hwm - 300, (summary["peak_rss_mb"], hwm)
+    assert "peak_cuda_mb" not in summary  # no GPU here
+    console = Console(record=True, width=200)
+    render_terminal(build_card(store, summary["run_id"]), console)
+    assert f"{summary['peak_rss_mb']:,.0f} MB RAM" in console.export_text()
+
+
 def test_eval_cli_json_matches_the_stage_summary(world, tmp_path, monkeypatch, capsys):
     root, store, summary = world
     data = tmp_path / "val.jsonl"

@@ -3,6 +3,7 @@
     result = import_jsonl(store, "data.jsonl")                 # kind inferred from each line's fields
     result = import_jsonl(store, "pairs.jsonl", kind="preference")
     n = export_jsonl(store, "math.jsonl", kind="math", split="train")
+    kind, records = read_records("heldout.jsonl")              # `instar eval`: one kind, every line valid
 
 Shapes read (-> the kind stored):
     {"text"}                                     -> text
@@ -151,6 +152,34 @@ def read_lines(f: BinaryIO) -> Iterator[tuple[int, bytes, int]]:
                 if chunk.endswith(b"\n"):
                     break
         yield number, line, size
+
+
+def read_records(path: str | Path, kind: str | None = None) -> tuple[str, list[dict]]:
+    """(kind, validated records) of a file that must be whole and of one kind (`instar eval` scores it as given):
+    the first invalid line, or a line of another kind, stops with `path:line: reason`."""
+    _check_kind(kind)
+    path = Path(path)
+    if not path.is_file():
+        raise InstarError(f"data file not found: {path}")
+    records: list[dict] = []
+    with open(path, "rb") as f:
+        for number, raw, size in read_lines(f):
+            if not raw.strip():
+                continue
+            try:
+                if size > MAX_LINE_BYTES:
+                    raise ValueError(f"line is {size:,} bytes, over the {MAX_LINE_BYTES:,}-byte limit")
+                line_kind, record = parse_line(raw, kind)
+            except ValueError as e:
+                raise InstarError(f"{path}:{number}: {str(e).splitlines()[0] if str(e) else 'invalid'}") from None
+            if kind is not None and line_kind != kind:
+                raise InstarError(f"{path}:{number}: a {line_kind} record in a file of {kind} records (one kind "
+                                  "per file)")
+            kind = line_kind
+            records.append(record)
+    if not records:
+        raise InstarError(f"{path} holds no records")
+    return kind, records
 
 
 # ---------------------------------------------------------------------------------------------------------

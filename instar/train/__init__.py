@@ -52,10 +52,16 @@ def load_stage_config(stage: str, config_path: Path | None = None, sets: list[st
 
 def run_stage(stage: str, config_path: Path | None = None, sets: list[str] | None = None, store=None) -> dict:
     """Load the stage's Config and run it against `store`; return its summary (see config.TrainConfig)."""
-    cfg = load_stage_config(stage, config_path, sets)
+    return train_stage(stage, load_stage_config(stage, config_path, sets), store)
+
+
+def train_stage(stage: str, cfg, store, **hooks) -> dict:
+    """Run a stage with a validated Config (`instar train` and `instar run` alike); a run that stops early is
+    marked `interrupted` (Ctrl-C) or `failed` (anything else) in the runs table, never left `running`.
+    `hooks` go to the stage's `run` (tests plant a reward with `scorer=`)."""
     try:
-        return stage_module(stage).run(cfg, store)
-    except BaseException as e:  # leave no run "running" forever: the report shows it stopped, and why
+        return stage_module(stage).run(cfg, store, **hooks)
+    except BaseException as e:
         mark_stopped(store, Path(cfg.out), "interrupted" if isinstance(e, KeyboardInterrupt) else "failed")
         raise
 

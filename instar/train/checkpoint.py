@@ -1,10 +1,12 @@
 """Training state on disk: atomic checkpoints (weights + optimizer/scheduler/RNG/step) and the run's summary.
 
     save_checkpoint(dir, model, state) / load_checkpoint(dir, model) -> state    atomic; corrupt -> InstarError
+    has_checkpoint(dir)         a checkpoint is there (completing a save killed between its renames)
     finished_summary(out) / write_summary(out, summary)
 
 Weights go to safetensors and the rest to a `torch.save` of plain tensors/numbers/strings, read back with
-`torch.load(weights_only=True)`: a checkpoint can never execute code.
+`torch.load(weights_only=True)`: a checkpoint can never execute code. Atomic against a killed process (temp
+folder + renames), not against power loss (no fsync).
 """
 
 from __future__ import annotations
@@ -45,12 +47,24 @@ def save_checkpoint(path: str | Path, model, state: dict, trainable_only: bool =
             seen[ptr] = k
     save_file(weights, str(tmp / "model.safetensors"))
     torch.save(state, tmp / "state.pt")
+    # A directory cannot replace another in one rename: checkpoint -> .old, .tmp -> checkpoint, drop .old.
+    # A process killed between the two renames leaves .old and a complete .tmp: `has_checkpoint` finishes the job.
     old = path.with_name(path.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
     if path.exists():
         os.replace(path, old)
     os.replace(tmp, path)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def has_checkpoint(path: str | Path) -> bool:
+    """Whether `path` holds a checkpoint, after completing a save that was killed between its two renames."""
+    path = Path(path)
+    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
+    if not path.exists() and old.exists():
+        # .old exists only once .tmp was complete, so .tmp is the newer checkpoint
+        os.replace(tmp if (tmp / "state.pt").exists() else old, path)
+    return (path / "state.pt").exists() or (path / "model.safetensors").exists()
 
 
 def load_checkpoint(path: str | Path, model) -> dict:

@@ -1,15 +1,16 @@
 """The keys every training stage has: `TrainConfig`, subclassed next to each stage (`class Config(TrainConfig)`).
 
 One pydantic model, help written once in `Field(description=...)`, unknown keys refused (`StrictConfig`). A stage
-overrides the defaults that suit it (`out`, `lr`, `max_len`...) and adds its own keys; `instar train STAGE --set
-key=value` and `[train.<stage>]` tables in an `instar run` config both land here.
+overrides the defaults that suit it (`out`, `lr`, `max_len`...), adds its own keys, and lists in `unsupported`
+the inherited keys it cannot honour: setting one is an error naming the key, never a silent no-op.
+`instar train STAGE --set key=value` and `[train.<stage>]` tables in an `instar run` config both land here.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from instar.config import StrictConfig
 
@@ -20,9 +21,9 @@ class TrainConfig(StrictConfig):
     model: str = Field("scratch", description="Input model: a previous stage's run directory, a Hugging Face model "
                        "directory, 'embedded-smollm2', or (pretrain only) 'scratch' with `preset`.")
     out: str = Field("runs/train", description="Run directory: model/, checkpoint/, summary.json.")
-    max_steps: int = Field(200, ge=1, description="Optimizer steps.")
+    max_steps: int = Field(200, ge=1, description="Training steps.")
     batch_size: int = Field(8, ge=1, description="Sequences per micro-batch (per process under torchrun).")
-    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per step (summed into one update).")
     lr: float = Field(3e-4, gt=0, description="Peak learning rate.")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine decays to lr * min_lr_ratio.")
     warmup: int = Field(10, ge=0, description="Linear warmup steps.")
@@ -33,12 +34,23 @@ class TrainConfig(StrictConfig):
     eval_every: int = Field(50, ge=0, description="Held-out eval every N steps (0 = only start and end).")
     eval_batches: int = Field(8, ge=1, description="At most this many val batches per eval.")
     save_every: int = Field(50, ge=0, description="Checkpoint every N steps (0 = only at the end).")
-    log_every: int = Field(10, ge=1, description="Step line + metrics every N steps.")
-    dtype: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto = bf16 autocast where supported.")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda if available.")
+    log_every: int = Field(10, ge=1, description="Step line every N steps (metrics are stored every step).")
+    dtype: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto = bf16 autocast where supported "
+                                                   "(CPUs with AVX512-BF16 or AMX, CUDA; fp32 on MPS).")
+    device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="auto = cuda, else mps (Apple), "
+                                                          "else cpu.")
     compile: bool = Field(False, description="torch.compile the model (first step costs 20-40 s on CPU).")
     lora: bool = Field(False, description="Train LoRA adapters instead of all weights; merged into model/.")
     lora_r: int = Field(16, ge=1, description="LoRA rank.")
     lora_alpha: int = Field(32, ge=1, description="LoRA alpha (scale = alpha / r).")
     lora_dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout.")
     sample_tokens: int = Field(48, ge=1, description="Max new tokens for the report prompts' answers.")
+
+    unsupported: ClassVar[dict[str, str]] = {}  # inherited key -> why this stage cannot honour it
+
+    @model_validator(mode="after")
+    def _honoured(self):
+        stage = type(self).__module__.rsplit(".", 1)[-1]
+        for key in sorted(set(self.unsupported) & self.model_fields_set):
+            raise ValueError(f"{stage} does not use {key} ({self.unsupported[key]})")
+        return self

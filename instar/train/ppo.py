@@ -16,6 +16,10 @@ Every log-prob that feeds a ratio or the KL is taken from logits divided by the 
 distribution the tokens were actually drawn from. Padding and EOS as in SFT: the response mask covers the
 response and its `<|im_end|>`, never the prompt or padding (labels -100).
 Stops with a clear error on a non-finite loss or reward, or when the mean KL per response passes `kl_max`.
+Each step is one rollout batch per micro-batch (`grad_accum`, and one per rank under torchrun): advantages are
+whitened over all of them, and minibatch k of the step is the k-th minibatch of every one of them, so 2 ranks
+equal one process with grad_accum=2 (tested). The loop (`loop.fit`) does the rest: one optimizer step per
+minibatch, the schedule over all of them, interrupts at step boundaries, checkpoints, evals.
 Simplifications: no entropy bonus, no adaptive KL controller, no reward whitening/clipping, no penalty for
 responses cut at `max_new_tokens`; the value head is dropped at the end (model/ is the plain policy).
 """
@@ -24,7 +28,6 @@ from __future__ import annotations
 
 import copy
 import math
-import time
 from typing import Callable
 
 import torch
@@ -33,12 +36,11 @@ from pydantic import Field, model_validator
 from instar.errors import ConfigError, InstarError
 from instar.train.checkpoint import finished_summary
 from instar.train.config import TrainConfig
-from instar.train.loop import (autocast, make_optimizer, make_scheduler, open_session, optimizer_step,
-                               restore_training_state)
+from instar.train.loop import Closure, Stage, autocast, fit, open_session
 from instar.train.losses import entropy, gae, kl_penalty, ppo_policy_loss, ppo_value_loss, whiten
 from instar.train.models import load_model, wrap_lora
-from instar.train.sampling import generate
-from instar.train.tokens import collate, render_chat, Sampler, token_logprobs
+from instar.train.sampling import attention_kernel, generate
+from instar.train.tokens import Sampler, collate, render_chat, token_logprobs
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -64,14 +66,13 @@ class Config(TrainConfig):
     max_len: int = Field(256, ge=8, description="Prompt + response tokens (a longer prompt keeps its end).")
     eval_batches: int = Field(2, ge=1, description="Held-out rollout batches at each eval.")
 
+    unsupported = {"compile": "rollouts change shape every token: recompiling would cost more than it saves"}
+
     @model_validator(mode="after")
     def _minibatches(self):
         if self.batch_size % self.mini_batch_size:
             raise ValueError(f"mini_batch_size {self.mini_batch_size} must divide batch_size {self.batch_size}")
         return self
-
-
-Scorer = Callable[[dict], torch.Tensor]  # batch {"input_ids", "attention_mask", "labels"} -> [B] scores
 
 
 # --- data ------------------------------------------------------------------------------------------------
@@ -86,6 +87,10 @@ def prompts_from_store(store, tok, split: str, max_len: int) -> tuple[list[list[
             ids_out.append(list(ids))
             texts.append(r["prompt"][-1]["content"])
     return ids_out, texts
+
+
+# --- rollouts ------------------------------------------------------------------------------------------------
+Scorer = Callable[[dict], torch.Tensor]  # batch {"input_ids", "attention_mask", "labels"} -> [B] scores
 
 
 class PolicyWithValue(torch.nn.Module):
@@ -109,7 +114,8 @@ class PolicyWithValue(torch.nn.Module):
 @torch.no_grad()
 def rollout(policy, reference: Callable, scorer: Scorer, tok, prompts: list[list[int]], cfg: Config, seed: int,
             device, bf16: bool) -> dict:
-    """Sample one response per prompt and score it: right-padded batch + old log-probs, values, rewards, GAE."""
+    """Sample one response per prompt and score it: right-padded batch + old log-probs, values, rewards, GAE
+    advantages (whitened later, over the whole step)."""
     gen = generate(policy.lm, tok, prompts, cfg.max_new_tokens, cfg.temperature, seed=seed)
     lengths = gen.completion_mask.sum(1).tolist()          # response tokens incl. the stop token (>= 1)
     comps = gen.completion_ids.tolist()
@@ -128,40 +134,78 @@ def rollout(policy, reference: Callable, scorer: Scorer, tok, prompts: list[list
     rewards[torch.arange(len(seqs), device=device), last] += scores
     values = values * mask
     adv, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
-    return {**batch, "mask": mask, "old_logp": logp, "old_values": values, "adv": whiten(adv, mask),
-            "returns": returns, "scores": scores, "kl": kl.sum(1), "texts": gen.texts, "lengths": lengths}
+    return {**batch, "mask": mask, "old_logp": logp, "old_values": values, "adv": adv, "returns": returns,
+            "scores": scores, "kl": kl.sum(1), "texts": gen.texts, "lengths": lengths, "seed": seed}
 
 
 # --- loss ------------------------------------------------------------------------------------------------
-def ppo_update(policy, opt, sched, r: dict, cfg: Config, device, bf16: bool, gen: torch.Generator) -> dict:
-    """ppo_epochs passes over the rollout in minibatches; returns the mean of each logged quantity."""
-    sums: dict[str, float] = {}
-    n = 0
-    B = r["input_ids"].shape[0]
-    for _ in range(cfg.ppo_epochs):
-        for mb in torch.randperm(B, generator=gen).split(cfg.mini_batch_size):
-            m = r["mask"][mb]
-            with autocast(device, bf16, r["input_ids"].shape[1]):
-                logits, values = policy(r["input_ids"][mb], r["attention_mask"][mb])
-            logp = token_logprobs(logits, r["labels"][mb], cfg.temperature)
-            pg_loss, pm = ppo_policy_loss(logp, r["old_logp"][mb], r["adv"][mb], m, cfg.clip)
-            vf_loss = ppo_value_loss(values, r["old_values"][mb], r["returns"][mb], m, cfg.vf_clip)
-            loss = pg_loss + cfg.vf_coef * vf_loss
-            if not torch.isfinite(loss):
-                raise InstarError(f"PPO loss became {float(loss)}: lower lr, or check the reward model's scores")
-            loss.backward()
-            optimizer_step(policy, opt, sched, cfg)
-            with torch.no_grad():  # logits at t-1 predict token t: entropy of the distribution each token came from
-                ent = entropy(logits[:, :-1].float() / cfg.temperature, m[:, 1:])
-            for k, v in {"policy_loss": pg_loss, "value_loss": vf_loss, "entropy": ent, **pm}.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach())
-            n += 1
-    return {k: v / n for k, v in sums.items()}
+def updates(s, cfg: Config, micros: list[dict]) -> list[list[Closure]]:
+    """ppo_epochs passes over the step's rollouts in minibatches: one optimizer step per minibatch, made of the
+    k-th minibatch of every rollout batch (each reshuffled per epoch by its own seed), its loss the token mean
+    over all of them (across ranks too)."""
+    reward = s.all_mean({"r": sum(float(r["scores"].mean()) for r in micros) / len(micros)})["r"]
+    kl = s.all_mean({"k": sum(float(r["kl"].mean()) for r in micros) / len(micros)})["k"]
+    if not (math.isfinite(reward) and math.isfinite(kl)):
+        raise InstarError(f"reward {reward} / KL {kl} is not finite: check the reward model")
+    if kl > cfg.kl_max:
+        raise InstarError(f"KL to the reference reached {kl:.1f} nats per response (kl_max {cfg.kl_max}): lower lr "
+                          f"or raise kl_coef; the last checkpoint is in {s.ckpt}")
+    n = s.all_sum([float(r["mask"].sum()) for r in micros])
+    mean = s.all_sum([float((r["adv"] * r["mask"]).sum()) for r in micros]) / n
+    var = s.all_sum([float(((r["adv"] - mean) ** 2 * r["mask"]).sum()) for r in micros]) / n
+    B, M = cfg.batch_size, cfg.mini_batch_size
+    orders = []
+    for r in micros:
+        r["adv_w"] = whiten(r["adv"], r["mask"], mean=mean, var=var)
+        g = torch.Generator().manual_seed(r["seed"])
+        orders.append([torch.randperm(B, generator=g) for _ in range(cfg.ppo_epochs)])
+    groups = []
+    for e in range(cfg.ppo_epochs):
+        for k in range(0, B, M):
+            mbs = [order[e][k:k + M] for order in orders]
+            total = s.all_sum(sum(float(r["mask"][mb].sum()) for r, mb in zip(micros, mbs)))
+            groups.append([lambda model, r=r, mb=mb, t=total: minibatch_share(model, r, mb, t, cfg)
+                           for r, mb in zip(micros, mbs)])
+    return groups
+
+
+def minibatch_share(policy, r: dict, mb: torch.Tensor, total: float, cfg: Config):
+    """Clipped surrogate + vf_coef * clipped value loss over one minibatch, as its share (tokens / total) of the
+    minibatch across every rollout batch of the step."""
+    m = r["mask"][mb]
+    with attention_kernel(m.device, m.shape[1]):
+        logits, values = policy(r["input_ids"][mb], r["attention_mask"][mb])
+    logp = token_logprobs(logits, r["labels"][mb], cfg.temperature)
+    pg_loss, pm = ppo_policy_loss(logp, r["old_logp"][mb], r["adv_w"][mb], m, cfg.clip)
+    vf_loss = ppo_value_loss(values, r["old_values"][mb], r["returns"][mb], m, cfg.vf_clip)
+    with torch.no_grad():  # logits at t-1 predict token t: entropy of the distribution each token came from
+        ent = entropy(logits[:, :-1].float() / cfg.temperature, m[:, 1:])
+    stats = {"policy_loss": pg_loss, "value_loss": vf_loss, "entropy": ent, **pm}
+    return (pg_loss + cfg.vf_coef * vf_loss) * m.sum() / total, {k: float(v.detach()) for k, v in stats.items()}
+
+
+def metrics(micros: list[dict], sums: dict, updates_per_step: int) -> dict:
+    """The step's rollouts (reward, KL, length: `rollout_*`, apart from the held-out `reward_mean`, `kl`,
+    `response_length`) and its updates' means (losses, entropy, clip fraction)."""
+    n = len(micros)
+    return {"rollout_reward": sum(float(r["scores"].mean()) for r in micros) / n,
+            "rollout_kl": sum(float(r["kl"].mean()) for r in micros) / n,
+            "rollout_length": sum(sum(r["lengths"]) / len(r["lengths"]) for r in micros) / n,
+            **{k: v / (updates_per_step * n) for k, v in sums.items()}}
+
+
+# --- samples -----------------------------------------------------------------------------------------------------
+def sample_rows(r: dict, per_step: int = 4) -> list[dict]:
+    """A few (prompt, response, reward) rows of one rollout batch for the table and the run tables."""
+    return [{"prompt": q, "completion": t, "reward": float(sc), "tag": "rollout"}
+            for q, t, sc in zip(r["questions"], r["texts"], r["scores"])][:per_step]
 
 
 # ---------------------------------------------------------------------------------------------------------
 def run(cfg: Config, store, scorer: Scorer | None = None) -> dict:
     """Train; `scorer` replaces the reward model (tests plant a known reward this way)."""
+    from instar.report import ppo_samples_table
+
     if (done := finished_summary(cfg.out)) is not None:
         return {**done, "already_done": True}
     store.require("preference", "train", 1)
@@ -174,15 +218,13 @@ def run(cfg: Config, store, scorer: Scorer | None = None) -> dict:
     reward_source = cfg.reward_model if scorer is None else "custom scorer"
     if scorer is None:
         scorer = reward_scorer(cfg.reward_model, tok, s.device)
-    ref_lm = None if cfg.lora else copy.deepcopy(lm).requires_grad_(False).eval()
+    ref_lm = None if cfg.lora else copy.deepcopy(lm).requires_grad_(False).eval().to(s.device)
     if cfg.lora:
         lm = wrap_lora(lm, cfg)
-    policy = PolicyWithValue(lm).to(s.device)
-    if ref_lm is not None:
-        ref_lm.to(s.device)
+    policy = s.place(PolicyWithValue(lm))
 
     @torch.no_grad()
-    def reference(batch):
+    def reference(batch):  # the starting policy: a frozen copy, or (LoRA) the same weights with adapters off
         if ref_lm is not None:
             return ref_lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         with policy.lm.disable_adapter():
@@ -193,8 +235,15 @@ def run(cfg: Config, store, scorer: Scorer | None = None) -> dict:
               "base": cfg.model, "reward_model": reward_source}
     s.say(f"ppo: {len(train_prompts)} train / {len(val_prompts)} val prompts, {trainable:,} trainable params"
           f"{' (LoRA, reference = adapter off)' if cfg.lora else ' (reference = frozen copy)'}")
+    sampler = Sampler(len(train_prompts), cfg.batch_size, cfg.seed)
 
-    def evaluate(_m):
+    def micro(i):
+        idx = sampler.batch(i)
+        r = rollout(policy, reference, scorer, tok, [train_prompts[j] for j in idx], cfg, cfg.seed * 1_000_003 + i,
+                    s.device, s.bf16)
+        return {**r, "questions": [questions[j] for j in idx]}
+
+    def evaluate(_lm):
         scores, kls, lens = [], [], []
         for i in range(0, len(val_prompts), cfg.batch_size):
             r = rollout(policy, reference, scorer, tok, val_prompts[i:i + cfg.batch_size], cfg, cfg.seed + 7919 * i,
@@ -205,62 +254,12 @@ def run(cfg: Config, store, scorer: Scorer | None = None) -> dict:
         return {"reward_mean": sum(scores) / len(scores), "kl": sum(kls) / len(kls),
                 "response_length": sum(lens) / len(lens)}
 
-    updates = (cfg.batch_size // cfg.mini_batch_size) * cfg.ppo_epochs  # optimizer steps per rollout batch
-    opt = make_optimizer(cfg, policy)
-    sched = make_scheduler(cfg.model_copy(update={"max_steps": cfg.max_steps * updates, "warmup": cfg.warmup * updates}),
-                           opt)
-    state = s.resume(policy)
-    step = restore_training_state(state, opt, sched) if state is not None else 0
-    start = state["start"] if state else s.measure(policy.lm, tok, evaluate, "start")
-    train_loop(s, policy, reference, scorer, tok, train_prompts, questions, opt, sched, step, start)
-    end = s.measure(policy.lm, tok, evaluate, "end", step=cfg.max_steps)
+    per_step = (cfg.batch_size // cfg.mini_batch_size) * cfg.ppo_epochs
+    start, end = fit(s, Stage(policy, tok, micro=micro, updates=lambda micros: updates(s, cfg, micros),
+                              evaluate=evaluate, metrics=lambda micros, sums: metrics(micros, sums, per_step),
+                              lm=policy.lm, samples=lambda micros: sample_rows(micros[0]), table=ppo_samples_table,
+                              per_step=per_step))
     return s.finish(policy.lm, tok, start=start, end=end)
-
-
-def train_loop(s, policy, reference, scorer, tok, prompts, questions, opt, sched, step: int, start: dict) -> None:
-    """Rollout -> PPO update, max_steps times; metrics + step line + sample table every log_every steps."""
-    from instar.report import make_progress, ppo_samples_table, step_line
-
-    cfg = s.cfg
-    sampler = Sampler(len(prompts), cfg.batch_size, cfg.seed)
-    policy.train()
-    with make_progress() as progress:
-        s.progress = progress
-        task = progress.add_task("ppo", total=cfg.max_steps, completed=step, info="")
-        try:
-            while step < cfg.max_steps:
-                t0 = time.perf_counter()
-                idx = sampler.batch(step)
-                batch_prompts = [prompts[j] for j in idx]
-                r = rollout(policy, reference, scorer, tok, batch_prompts, cfg, cfg.seed * 1_000_003 + step,
-                            s.device, s.bf16)
-                reward, kl = float(r["scores"].mean()), float(r["kl"].mean())
-                if not (math.isfinite(reward) and math.isfinite(kl)):
-                    raise InstarError(f"reward {reward} / KL {kl} is not finite at step {step + 1}: check the reward model")
-                if kl > cfg.kl_max:
-                    raise InstarError(f"KL to the reference reached {kl:.1f} nats per response at step {step + 1} "
-                                      f"(kl_max {cfg.kl_max}): lower lr or raise kl_coef; the last checkpoint is in {s.ckpt}")
-                gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-                stats = ppo_update(policy, opt, sched, r, cfg, s.device, s.bf16, gen)
-                step += 1
-                progress.update(task, completed=step, info=f"reward {reward:.3f}")
-                if step % cfg.log_every == 0 or step == cfg.max_steps:
-                    values = {"reward": reward, "kl": kl, "response_length": sum(r["lengths"]) / len(r["lengths"]),
-                              **stats, "lr": sched.get_last_lr()[0], "s/step": time.perf_counter() - t0}
-                    s.log_metrics(step, values)
-                    s.say(step_line(step, cfg.max_steps, values))
-                    rows = [{"prompt": questions[j], "completion": t, "reward": float(sc)}
-                            for j, t, sc in zip(idx, r["texts"], r["scores"])][:4]
-                    s.log_samples(step, [{**row, "tag": "rollout"} for row in rows])
-                    progress.console.print(ppo_samples_table(rows, f"ppo rollouts · step {step}"))
-                if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps:
-                    s.checkpoint(policy, opt, sched, step, start)
-        except KeyboardInterrupt:
-            s.checkpoint(policy, opt, sched, step, start)
-            s.say(f"interrupted at step {step}: checkpoint saved, run the same command to resume")
-            raise
-        finally:
-            s.progress = None
 
 
 def reward_scorer(source: str, tok, device) -> Scorer:

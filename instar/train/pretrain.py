@@ -15,13 +15,14 @@ the separator token carries the boundary), the tail of the token stream shorter 
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
+from instar.train.checkpoint import finished_summary
 from instar.train.config import TrainConfig
 from instar.train.evaluate import score_rows
-from instar.train.loop import barrier, open_session, train
-from instar.train.models import load_model, new_model, non_embedding_params, PRESETS
-from instar.train.tokens import lm_loss, pack_documents, Sampler, token_bytes
+from instar.train.loop import Stage, fit, open_session, supervised
+from instar.train.models import PRESETS, load_model, new_model, non_embedding_params, wrap_lora
+from instar.train.tokens import Sampler, lm_loss, pack_documents, token_bytes
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -33,6 +34,12 @@ class Config(TrainConfig):
     # 1e-3: at 1M-10M params a higher peak lr converges faster in a few hundred steps; for continued
     # pretraining of a real base use ~5e-5 (3e-4 visibly damaged SmolLM2's instruction following).
     lr: float = Field(1e-3, gt=0, description="Peak learning rate.")
+
+    @model_validator(mode="after")
+    def _lora_needs_a_base(self):
+        if self.lora and self.model == "scratch":
+            raise ValueError("lora = true needs a pretrained `model` (adapters on random weights learn little)")
+        return self
 
 
 # --- data ------------------------------------------------------------------------------------------------
@@ -52,7 +59,7 @@ def build(cfg: Config, train_texts: list[str], session):
     # other torchrun ranks wait, then load that same file.
     if session.is_main and not (saved / "tokenizer.json").exists():
         train_tokenizer(train_texts, cfg.vocab_size or PRESETS[cfg.preset]["vocab"]).save_pretrained(saved)
-    barrier(session)
+    session.barrier()
     tok = AutoTokenizer.from_pretrained(saved)
     return new_model(cfg.preset, tok, cfg.max_len), tok
 
@@ -66,8 +73,6 @@ def loss_fn(model, batch):
 
 # ---------------------------------------------------------------------------------------------------------
 def run(cfg: Config, store) -> dict:
-    from instar.train.checkpoint import finished_summary
-
     if (done := finished_summary(cfg.out)) is not None:
         return {**done, "already_done": True}
     train_texts = [r["text"] for r in store.require("text", "train", 1)]
@@ -82,6 +87,8 @@ def run(cfg: Config, store) -> dict:
               "vocab_size": len(tok), "non_embedding_params": non_embedding_params(model)}
     s.say(f"pretrain: {s.data['non_embedding_params']:,} non-embedding params, vocab {len(tok):,}, "
           f"{rows.numel():,} train tokens in {rows.shape[0]} rows of {rows.shape[1]}")
+    if cfg.lora:
+        model = wrap_lora(model, cfg)
     model = s.place(model)
 
     sampler = Sampler(rows.shape[0], cfg.batch_size, cfg.seed)
@@ -93,8 +100,5 @@ def run(cfg: Config, store) -> dict:
         v = score_rows(m, val_rows, tbytes, cfg.batch_size, cfg.eval_batches)
         return {"val_loss": v["loss"], "val_bpb": v["bpb"]}
 
-    state = s.resume(model)
-    start = state["start"] if state else s.measure(model, tok, evaluate, "start")
-    train(s, model, batch_at=batch_at, loss_fn=loss_fn, evaluate=evaluate, state=state, start=start)
-    end = s.measure(model, tok, evaluate, "end", step=cfg.max_steps)
+    start, end = fit(s, Stage(model, tok, micro=batch_at, updates=supervised(s, loss_fn), evaluate=evaluate))
     return s.finish(model, tok, start=start, end=end)

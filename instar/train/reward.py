@@ -11,9 +11,10 @@ renderer and cut right after the response's `<|im_end|>`, which is exactly where
 the reward model is read at the same place in training and in PPO.
 Loss: Bradley-Terry, -log sigmoid(r_chosen - r_rejected) (losses.bt_loss). Held-out pairwise accuracy and
 mean margin are logged at the start, every `eval_every` steps and at the end.
-Simplifications: full fine-tuning only (`lora` is refused: the head and the trunk train together, and at
-1M-135M params the memory is there); no margin term, no score centring (TRL's `center_rewards_coefficient`);
-a reward model answers no REPORT_PROMPTS (it cannot generate) — it logs its scores of a few held-out pairs.
+With `lora = true` the trunk trains LoRA adapters and the fresh head trains in full (peft's `SEQ_CLS` task keeps
+a trainable copy of `score`); both are merged into the plain sequence-classification model in `model/`.
+Simplifications: no margin term, no score centring (TRL's `center_rewards_coefficient`); a reward model answers
+no REPORT_PROMPTS (it cannot generate) — it logs its scores of a few held-out pairs instead.
 """
 
 from __future__ import annotations
@@ -21,14 +22,14 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from instar.errors import ConfigError, InstarError
+from instar.errors import InstarError
 from instar.train.checkpoint import finished_summary
 from instar.train.config import TrainConfig
 from instar.train.evaluate import render_examples
-from instar.train.loop import open_session, train
+from instar.train.loop import Stage, fit, open_session, supervised
 from instar.train.losses import bt_loss
-from instar.train.models import load_model, model_dir
-from instar.train.tokens import collate, Sampler
+from instar.train.models import load_model, model_dir, wrap_lora
+from instar.train.tokens import Sampler, collate
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -39,6 +40,8 @@ class Config(TrainConfig):
     lr: float = Field(1e-4, gt=0, description="Peak learning rate.")
     batch_size: int = Field(8, ge=1, description="Pairs per micro-batch (2x sequences).")
     max_len: int = Field(384, ge=8, description="Tokens per prompt+response (longer ones are truncated).")
+
+    unsupported = {"sample_tokens": "a reward model answers no prompts; it logs its scores of held-out pairs"}
 
 
 # --- data ------------------------------------------------------------------------------------------------
@@ -139,18 +142,18 @@ def evaluate_pairs(rm, pairs, pad_id: int, batch_size: int, max_batches: int | N
 def run(cfg: Config, store) -> dict:
     if (done := finished_summary(cfg.out)) is not None:
         return {**done, "already_done": True}
-    if cfg.lora:
-        raise ConfigError("reward: lora = true is not supported (the reward model trains all weights)")
     store.require("preference", "train", 1)
     store.require("preference", "val", 1)
     s = open_session("reward", cfg, store)
     rm, tok = load_reward_model(cfg.model)
+    if cfg.lora:
+        rm = wrap_lora(rm, cfg, task="SEQ_CLS")
     train_pairs = pairs_from_store(store, tok, "train", cfg.max_len)
     val_pairs = pairs_from_store(store, tok, "val", cfg.max_len)
     s.data = {"train_pairs": len(train_pairs), "val_pairs": len(val_pairs), "base": cfg.model,
               "trainable_params": sum(p.numel() for p in rm.parameters() if p.requires_grad)}
     s.say(f"reward: {len(train_pairs)} train / {len(val_pairs)} val pairs, "
-          f"{s.data['trainable_params']:,} trainable params")
+          f"{s.data['trainable_params']:,} trainable params{' (LoRA + head)' if cfg.lora else ''}")
     rm = s.place(rm)
 
     sampler = Sampler(len(train_pairs), cfg.batch_size, cfg.seed)
@@ -161,17 +164,9 @@ def run(cfg: Config, store) -> dict:
     def evaluate(m):
         return evaluate_pairs(m, val_pairs, tok.pad_token_id, cfg.batch_size, cfg.eval_batches)
 
-    def measure(when: str, step: int) -> dict:
-        values = s.evaluate(rm, evaluate)
-        s.log_metrics(step, values)
-        s.log_samples(step, scored_samples(s, rm, tok, val_pairs[:4], when))
-        s.say(f"{when}: " + " | ".join(f"{k} {v:.4f}" for k, v in values.items()))
-        return values
-
-    state = s.resume(rm)
-    start = state["start"] if state else measure("start", 0)
-    train(s, rm, batch_at=batch_at, loss_fn=loss_fn, evaluate=evaluate, state=state, start=start)
-    end = measure("end", cfg.max_steps)
+    stage = Stage(rm, tok, micro=batch_at, updates=supervised(s, loss_fn), evaluate=evaluate,
+                  answers=lambda when: scored_samples(s, rm, tok, val_pairs[:4], when))
+    start, end = fit(s, stage)
     return s.finish(rm, tok, start=start, end=end)
 
 

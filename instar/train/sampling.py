@@ -1,6 +1,7 @@
 """Sampling from the student: the batched decode loop, `generate()`, and the report card's fixed prompts.
 
     generate(model, tok, prompts, max_new_tokens, temperature, top_k, seed) -> Completions (batched, KV cache)
+    stopped(completions, tok) -> [B] bool   which completions ended with a stop token (not cut at the budget)
     attention_kernel(device, length)        the faster SDPA kernel for short rows under CPU bf16
     REPORT_PROMPTS, report_samples(model, tok)          the fixed questions every stage answers at start and end
 
@@ -119,6 +120,12 @@ def _decode(m, ids, att, max_new_tokens: int, temperature: float, top_k: int | N
         x, pos = nxt[live][:, None], pos[:, -1:] + 1
         att = torch.cat([att, att.new_ones(att.shape[0], 1)], 1)
     return torch.stack(out, 1) if out else ids[:, :0]
+
+
+def stopped(gen: Completions, tok) -> torch.Tensor:
+    """[B] bool: the completion ended with a stop token (False = cut at max_new_tokens)."""
+    stops = torch.tensor(stop_ids(tok), device=gen.completion_ids.device)
+    return (torch.isin(gen.completion_ids, stops) & gen.completion_mask.bool()).any(dim=1).cpu()
 
 
 # The fixed questions every stage answers at its start and end (the report card's before/after).

@@ -22,9 +22,9 @@ from instar.errors import InstarError
 from instar.train.checkpoint import finished_summary
 from instar.train.config import TrainConfig
 from instar.train.evaluate import render_examples, score_conversations
-from instar.train.loop import open_session, train
+from instar.train.loop import Stage, fit, open_session, supervised
 from instar.train.models import load_model, wrap_lora
-from instar.train.tokens import collate, lm_loss, Sampler
+from instar.train.tokens import Sampler, collate, lm_loss
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -81,8 +81,5 @@ def run(cfg: Config, store) -> dict:
     def evaluate(m):
         return {"val_loss": score_conversations(m, val_ex, tok.pad_token_id, cfg.batch_size, cfg.eval_batches)["loss"]}
 
-    state = s.resume(model)
-    start = state["start"] if state else s.measure(model, tok, evaluate, "start")
-    train(s, model, batch_at=batch_at, loss_fn=loss_fn, evaluate=evaluate, state=state, start=start)
-    end = s.measure(model, tok, evaluate, "end", step=cfg.max_steps)
+    start, end = fit(s, Stage(model, tok, micro=batch_at, updates=supervised(s, loss_fn), evaluate=evaluate))
     return s.finish(model, tok, start=start, end=end)
