@@ -9,7 +9,7 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see FIELD-NOTES: avoids llama.cpp's first-call stall
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see docs/measured-facts.md: avoids llama.cpp's first-call stall
 
 
 @pytest.fixture

@@ -1,6 +1,6 @@
 """The Ollama backend driven by the real `ollama` client over HTTP, against a loopback server started here.
 
-The Ollama server cannot be installed on these machines (FIELD-NOTES), so `FakeOllama` implements the three
+The Ollama server cannot be installed on these machines (docs/measured-facts.md), so `FakeOllama` implements the three
 endpoints the client uses (`GET /api/version`, `GET /api/tags`, `POST /api/chat` non-streaming with `format`)
 in the standard library. It answers either with the embedded SmolLM2 GGUF through llama-cpp-python (the
 real path, schema from `format` applied as a grammar) or from a script, for the failure modes: model not

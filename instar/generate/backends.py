@@ -65,7 +65,7 @@ class Backend(Protocol):
 
 # -- llama.cpp ----------------------------------------------------------------------------------------------
 # llama-cpp-python's schema grammar lets raw control characters (U+0000-U+001F) into strings, which strict
-# JSON parsing then refuses (30/30 failures in FIELD-NOTES); excluding them gave 30/30 valid outputs.
+# JSON parsing then refuses (30/30 failures in docs/measured-facts.md); excluding them gave 30/30 valid outputs.
 _CHAR_RULE = r'char ::= [^"\\]'
 _SAFE_CHAR_RULE = r'char ::= [^"\\\x00-\x1F]'
 

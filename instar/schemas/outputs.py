@@ -3,7 +3,7 @@
 These models are used three ways: their JSON schema constrains decoding (llama.cpp grammar, Ollama
 `format`), their `Field(description=...)` texts ARE the prompt's description of the reply (see
 `describe`), and `model_validate_json` checks what came back. Every string has a `max_length` because a
-135M model under a grammar without one may never close a string (FIELD-NOTES); `min_length` turns
+135M model under a grammar without one may never close a string (docs/measured-facts.md); `min_length` turns
 "technically JSON but empty" into a schema failure instead of a record.
 
 Scores are an enum of 1..10 rather than an integer with bounds: llama-cpp-python's schema converter
