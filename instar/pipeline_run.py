@@ -141,7 +141,7 @@ def top_up(store, cfg: PipelineConfig, grpo_cfg, console) -> dict[str, int]:
 
     t, d = cfg.teacher, cfg.data
     # First: these conversations also fill the messages val split; they do not count toward `instructions`.
-    n_math = math_conversations(store, d.math_sft, cfg.seed, grpo_cfg, console) if d.math_sft else 0
+    n_math = sft_math(store, cfg, grpo_cfg, console)
     for kind in ("corpus", "instructions", "preferences", "math"):
         target = getattr(d, kind) + (n_math if kind == "instructions" and getattr(d, kind) else 0)
         if target == 0 or store.count(DATA_KINDS[kind]) >= target:
@@ -165,23 +165,22 @@ def top_up(store, cfg: PipelineConfig, grpo_cfg, console) -> dict[str, int]:
     return {kind: store.count(kind) for kind in DATA_KINDS.values()}
 
 
-def math_conversations(store, count: int, seed: int, grpo_cfg, console) -> int:
-    """`count` procedural problems stored as SFT conversations in GRPO's format (idempotent); returns how many
-    distinct ones the store holds. Same families, starting difficulty and instruction as the GRPO stage, and
-    never one of GRPO's held-out problems (so stage 4's before/after accuracy stays a held-out number)."""
-    from instar.datasets.store import Provenance
-    from instar.generate.procedural import make_problems
-    from instar.train.grpo import Config as GrpoConfig, Problems
-    from instar.train.rewards import math_messages
+def sft_math(store, cfg: PipelineConfig, grpo_cfg, console) -> int:
+    """The SFT math conversations (generate/sft_math.py) in GRPO's families and prompt form, GRPO's held-out
+    problems excluded; the prompt form is kept in the pipeline directory for `instar eval`."""
+    from instar.generate.procedural import heldout_problems
+    from instar.generate.sft_math import math_conversations
+    from instar.train.grpo import Config as GrpoConfig
+    from instar.train.rewards import save_prompt_form
 
     grpo_cfg = grpo_cfg or GrpoConfig()
-    held = {r["question"] for r in Problems(grpo_cfg, store).heldout} if grpo_cfg.source == "procedural" else set()
-    problems = make_problems(count, seed + 1, grpo_cfg.families, grpo_cfg.difficulty)
-    records = [math_messages(p, grpo_cfg.instruction) for p in problems if p["question"] not in held]
-    added = store.add("messages", records, Provenance(source="procedural", template="math-sft-v1", seed=seed))
-    console.print(f"math conversations for SFT: {added.inserted} added, {added.duplicates} already stored "
-                  f"({len(held)} held-out problems excluded)")
-    return len(added.ids)  # distinct conversations of this set now stored
+    save_prompt_form(cfg.out, grpo_cfg.instruction)
+    if not cfg.data.math_sft:
+        return 0
+    held = ({r["question"] for r in heldout_problems(grpo_cfg.eval_problems, grpo_cfg.families, grpo_cfg.eval_difficulty)}
+            if grpo_cfg.source == "procedural" else set())
+    return math_conversations(store, cfg.data.math_sft, cfg.seed, grpo_cfg.families, grpo_cfg.instruction, held,
+                              console)
 
 
 def procedural_pairs(store, target: int, seed: int) -> int:

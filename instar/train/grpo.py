@@ -38,7 +38,7 @@ import torch
 from pydantic import Field
 
 from instar.errors import InstarError
-from instar.generate.procedural import FAMILIES, MAX_DIFFICULTY, make_problems
+from instar.generate.procedural import FAMILIES, MAX_DIFFICULTY, heldout_problems, make_problems
 from instar.train.common import (TrainConfig, finished_summary, generate, load_model, render_chat, stop_ids,
                                  token_logprobs, unwrap, wrap_lora)
 from instar.train.losses import masked_mean, ppo_policy_loss
@@ -46,9 +46,6 @@ from instar.train.loop import (autocast, make_optimizer, make_scheduler, open_se
                                restore_training_state)
 from instar.train.rewards import INSTRUCTION, math_prompt, score
 
-HELDOUT_SEED = -1  # held-out problems come from this seed whatever cfg.seed is: SFT math conversations stored by a
-                   # run with one seed must not contain the held-out problems of a run with another (they did:
-                   # seed 1 on seed 0's database started GRPO at 0.74 instead of ~0.5). Training seeds are >= 0.
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -84,6 +81,8 @@ class Config(TrainConfig):
     eval_difficulty: int | None = Field(None, ge=1, le=MAX_DIFFICULTY, description="Held-out level (procedural); "
                                         "default: mixed levels 1..5.")
     instruction: str = Field(INSTRUCTION, description="Appended to each question ('' = the bare question).")
+    external_eval: bool = Field(False, description="Also score the hand-written external arithmetic "
+                                "(instar/evalsets) at start and end: ~10 s each on the tiny preset; on in `instar run`.")
 
 
 # --- data ------------------------------------------------------------------------------------------------
@@ -96,8 +95,7 @@ class Problems:
             unknown = [f for f in cfg.families if f not in FAMILIES]
             if unknown:
                 raise InstarError(f"families: unknown {unknown[0]!r} (expected from {', '.join(FAMILIES)})")
-            raw = make_problems(cfg.eval_problems, HELDOUT_SEED, cfg.families, cfg.eval_difficulty)
-            self.heldout = list({r["question"]: r for r in raw}.values())
+            self.heldout = heldout_problems(cfg.eval_problems, cfg.families, cfg.eval_difficulty)
             self.levels = list(range(1, MAX_DIFFICULTY + 1))
         else:
             self.heldout = store.require("math", "val", 1)
@@ -297,6 +295,7 @@ def evaluate_math(model, tok, records: list[dict], max_new_tokens: int = 48, ins
 # ---------------------------------------------------------------------------------------------------------
 def run(cfg: Config, store) -> dict:
     from instar.report import grpo_samples_table, make_progress, step_line
+    from instar.train.evaluate import external_arithmetic
 
     if (done := finished_summary(cfg.out)) is not None:
         return {**done, "already_done": True}
@@ -317,6 +316,9 @@ def run(cfg: Config, store) -> dict:
     def evaluate(m):
         return evaluate_math(m, tok, problems.heldout, cfg.max_new_tokens, cfg.instruction)
 
+    def evaluate_all(m):  # start and end: also the hand-written external arithmetic (evalsets/arithmetic.jsonl)
+        return {**evaluate(m), **(external_arithmetic(m, tok, cfg.instruction) if cfg.external_eval else {})}
+
     # The schedule counts optimizer steps: `epochs` per GRPO step.
     opt = make_optimizer(cfg, model)
     sched = make_scheduler(cfg.model_copy(update={"max_steps": cfg.max_steps * cfg.epochs,
@@ -328,7 +330,7 @@ def run(cfg: Config, store) -> dict:
     if state is not None:
         step = restore_training_state(state, opt, sched)
         cur.level, cur.avg = int(state["level"]), float(state["avg"])
-    start = state["start"] if state else s.measure(model, tok, evaluate, "start")
+    start = state["start"] if state else s.measure(model, tok, evaluate_all, "start")
     history: list[float] = []
     model.train()
     with make_progress() as progress:
@@ -362,7 +364,7 @@ def run(cfg: Config, store) -> dict:
             if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps:
                 s.checkpoint(model, opt, sched, step, start, extra={"level": cur.level, "avg": cur.avg})
     s.progress = None
-    end = s.measure(model, tok, evaluate, "end", step=cfg.max_steps)
+    end = s.measure(model, tok, evaluate_all, "end", step=cfg.max_steps)
     if history:
         end["rollout_reward"] = sum(history[-10:]) / len(history[-10:])  # mean of the last 10 steps
     end["difficulty"] = cur.level

@@ -1,0 +1,171 @@
+"""Arithmetic in many phrasings, worked steps, the SFT math set, and the external yardstick kept apart from both."""
+
+import json
+import random
+import re
+
+import pytest
+
+from instar.datasets.store import validate_record
+from instar.evalsets import arithmetic as external, external_questions
+from instar.generate import arithmetic as ar
+from instar.generate.procedural import FAMILIES, MAX_DIFFICULTY, heldout_problems, make_problem
+from instar.generate.safe_eval import parse_number, safe_eval
+from instar.generate.sft_math import LEVEL_WEIGHTS, math_sft_records
+from instar.train.rewards import extract_answer
+
+_STEP = re.compile(r"^(\(?-?[\d.]+\)?) ([-+*/]) (\(?-?[\d.]+\)?) = (-?[\d./]+)$")
+
+
+def every_generated_question(per_level: int = 400) -> set[str]:
+    """A large sample of what the training generators can emit: every family, every level, several seeds."""
+    out = set()
+    for family in FAMILIES:
+        for level in range(1, MAX_DIFFICULTY + 1):
+            rng = random.Random(f"leak:{family}:{level}")
+            out.update(make_problem(family, rng, level).question for _ in range(per_level))
+    return out
+
+
+def template(question: str) -> str:
+    """A question with its numbers and names masked: the sentence pattern it was made from."""
+    names = "|".join(ar.NAMES + ["Priya", "Jonas", "Keiko", "Omar", "Lucia", "Dmitri", "Amara", "Felix", "Noor",
+                                 "Hugo", "Wren", "Tariq"])
+    masked = re.sub(r"-?\d+", "N", question)
+    return re.sub(rf"\b({names})\b", "P", masked)
+
+
+# --- the external yardstick ---------------------------------------------------------------------------------
+def test_external_set_is_valid_and_every_answer_recomputes():
+    rows = external()
+    assert 250 <= len(rows) <= 300 and len({r["question"] for r in rows}) == len(rows)
+    forms = {r["family"] for r in rows}
+    assert forms == {"two_digit", "three_digit", "negatives", "parentheses", "chains", "word", "products"}
+    for r in rows:
+        validate_record("math", r)
+        assert safe_eval(r["solution"]) == parse_number(r["answer"]), r  # the kept expression gives the answer
+    assert any(parse_number(r["answer"]) < 0 for r in rows) and any("(" in r["question"] for r in rows)
+
+
+def test_no_training_generator_emits_an_external_question_or_its_template():
+    generated = every_generated_question()
+    rows = external()
+    assert not generated & {r["question"] for r in rows}
+    shared = {template(q) for q in generated} & {template(r["question"]) for r in rows}
+    assert not shared, sorted(shared)[:5]
+    # And the SFT set refuses them outright, even if a template were added that could produce one.
+    assert not {m["messages"][0]["content"] for m in math_sft_records(400, 0, ["arithmetic", "story"])} & \
+        external_questions()
+
+
+# --- the procedural forms ------------------------------------------------------------------------------------
+def check_steps(solution: str, answer: str):
+    """Every worked line is one true operation, and the last result is the answer."""
+    lines = solution.splitlines()
+    last = None
+    for line in lines:
+        m = _STEP.match(line)
+        assert m, line
+        a, op, b, z = m.groups()
+        assert safe_eval(f"{a} {op} {b}") == parse_number(z), line
+        last = z
+    assert parse_number(last if last is not None else lines[-1]) == parse_number(answer)
+
+
+@pytest.mark.parametrize("family", ["arithmetic", "story"])
+def test_worked_steps_are_true_and_end_at_the_answer(family):
+    for level in range(1, MAX_DIFFICULTY + 1):
+        rng = random.Random(f"steps:{family}:{level}")
+        for _ in range(60):
+            p = make_problem(family, rng, level)
+            check_steps(p.solution, p.record()["answer"])
+
+
+def test_other_families_show_their_steps_too():
+    p = make_problem("percent", random.Random(1), 4)  # "A shirt costs $40 ... 15% off": three operations
+    assert len(p.solution.splitlines()) == 3
+    check_steps(p.solution, p.record()["answer"])
+
+
+def test_levels_cover_the_forms():
+    def sample(level, n=300):
+        rng = random.Random(f"forms:{level}")
+        return [ar.draw_tree(rng, level) for _ in range(n)]
+
+    def leaves(t):
+        return [t] if not isinstance(t, tuple) else leaves(t[1]) + leaves(t[2])
+
+    one = sample(1)
+    assert all(0 <= x <= 9 for t in one for x in leaves(t)) and all(ar.value(t) >= 0 for t in one)
+    two = sample(2)
+    assert any(x >= 10 for t in two for x in leaves(t)) and all(ar.value(t) >= 0 for t in two)
+    three = [ar.expression(t) for t in sample(3)]
+    assert any("(" in e for e in three) and any(e.startswith("-") or "(-" in e for e in three)
+    assert any(re.search(r"\d{3}", e) for e in three) and any("*" in e for e in three) and any("/" in e for e in three)
+    four = sample(4)
+    assert {len(leaves(t)) for t in four} >= {3, 4, 5}
+
+
+def test_phrasings_are_many_and_keep_the_numbers():
+    rng = random.Random(0)
+    questions = {}
+    for _ in range(2000):
+        q, t = ar.arithmetic_problem(rng, 2)
+        questions[template(q)] = (q, t)
+    assert len(questions) >= 40  # dozens of sentence patterns at one level
+    for q, t in questions.values():  # every operand of the expression is said in the question
+        numbers = [int(x) for x in re.findall(r"\d+", q)]
+        assert sorted(numbers) == sorted(abs(int(x)) for x in re.findall(r"\d+", ar.expression(t))), q
+
+
+def test_negative_results_never_get_counting_phrasings():
+    rng = random.Random(5)
+    for _ in range(500):
+        q, t = ar.arithmetic_problem(rng, 3)
+        if ar.value(t) < 0:
+            assert "left" not in q and "difference" not in q, q
+
+
+# --- the SFT math set ----------------------------------------------------------------------------------------
+def test_sft_math_set_mixes_levels_excludes_held_out_and_ends_in_the_answer_line():
+    held = {r["question"] for r in heldout_problems(200, ["arithmetic", "story"], 1)}
+    records = math_sft_records(1000, 0, ["arithmetic", "story"], "", exclude=held)
+    assert 900 <= len(records) <= 1000  # level 1 runs short of distinct problems, the rest fill up
+    asked = [r["messages"][0]["content"] for r in records]
+    assert len(set(asked)) == len(asked) and not set(asked) & held
+    for r in records[:200]:
+        reply = r["messages"][1]["content"]
+        assert extract_answer(reply) is not None and reply.splitlines()[0] != reply.splitlines()[-1]
+    assert abs(sum(LEVEL_WEIGHTS.values()) - 1) < 1e-9
+    with_instruction = math_sft_records(5, 0, ["arithmetic"], "Show steps.")
+    assert all(r["messages"][0]["content"].endswith(" Show steps.") for r in with_instruction)
+
+
+# --- the prompt form travels with the run --------------------------------------------------------------------
+def test_eval_asks_a_run_the_way_it_was_trained(tmp_path):
+    from instar.train.evaluate import math_prompt_form
+    from instar.train.rewards import INSTRUCTION, save_prompt_form
+
+    def run(name, config):
+        d = tmp_path / "pipe" / name
+        d.mkdir(parents=True)
+        (d / "summary.json").write_text(json.dumps({"config": config}))
+        return d
+
+    pre = run("pretrain", {"model": "scratch"})
+    sft = run("sft", {"model": str(pre)})
+    grpo = run("grpo", {"model": str(sft), "instruction": "Think, then answer."})
+    assert math_prompt_form(grpo) == "Think, then answer."      # its own config
+    assert math_prompt_form(sft) == INSTRUCTION                  # nothing kept: the default
+    save_prompt_form(tmp_path / "pipe", "")
+    assert math_prompt_form(sft) == ""                           # the pipeline's record, beside the stage runs
+    assert math_prompt_form(tmp_path / "elsewhere") == INSTRUCTION
+
+
+def test_tokenizer_splits_numbers_into_digits():
+    from instar.train.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(["I have 1234 apples and 56 pears. 1234 1234 1234 56 56 56."] * 40, vocab_size=300)
+    pieces = [p.replace("Ġ", "") for p in tok.tokenize("Add 1234 and 56.")]
+    assert [p for p in pieces if p.isdigit()] == ["1", "2", "3", "4", "5", "6"]
+    assert tok.decode(tok("23 + 48 = 71")["input_ids"]) == "23 + 48 = 71"
