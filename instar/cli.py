@@ -132,7 +132,7 @@ def generate_cmd(
         backend: Annotated[Optional[str], typer.Option(help="embedded (default), llamacpp or ollama.")] = None,
         model: Annotated[Optional[str], typer.Option(help="GGUF path (llamacpp) or model name (ollama).")] = None,
         host: Annotated[Optional[list[str]], typer.Option(help="Ollama server URL; repeat to spread load.")] = None,
-        source: Annotated[Optional[str], typer.Option(help="math: llm (default) or procedural.")] = None,
+        source: Annotated[Optional[str], typer.Option(help="math: llm (default), procedural or rephrase.")] = None,
         seed: Annotated[Optional[int], typer.Option(help="Base seed (default 0).")] = None,
         concurrency: Annotated[Optional[int], typer.Option(help="Requests in flight (Ollama).")] = None,
         temperature: Annotated[Optional[float], typer.Option(help="Sampling temperature.")] = None,

@@ -63,7 +63,8 @@ class DataConfig(StrictConfig):
     math_sft: int = Field(300, ge=0, description="Procedural math problems added as SFT conversations in GRPO's "
                           "answer format (so a model from scratch can earn some reward in stage 4).")
     math: int = Field(0, ge=0, description="Target stored `math` records (GRPO with train.grpo.source = 'store').")
-    math_source: Literal["procedural", "llm"] = Field("procedural", description="Math: procedural (no LLM) or llm.")
+    math_source: Literal["procedural", "llm", "rephrase"] = Field(
+        "procedural", description="Math: procedural (no LLM), llm, or rephrase (procedural, reworded by the teacher).")
 
 
 class StudentConfig(StrictConfig):

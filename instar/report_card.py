@@ -34,7 +34,10 @@ METRICS = {"val_loss": ("val loss", True), "val_bpb": ("val bits/byte", True), "
            "pair_accuracy": ("pair accuracy", False), "margin": ("reward margin", False),
            "reward_mean": ("policy reward", False), "kl": ("KL to reference", True),
            "reward_accuracy": ("DPO reward accuracy", False), "reward_margin": ("DPO reward margin", False),
-           "accuracy": ("math accuracy", False), "pass_rate": ("pass rate", False)}
+           "accuracy": ("math accuracy", False), "pass_rate": ("pass rate", False),
+           # The hand-written arithmetic no stage trains on (instar/evalsets/arithmetic.jsonl): what generalises.
+           "ext_math_acc": ("external arithmetic: accuracy", False),
+           "ext_math_format": ("external arithmetic: answer-line rate", False)}
 # Curves worth a plot, most telling first; any other logged series follows up to MAX_CURVES per stage.
 CURVE_PRIORITY = ("loss", "val_loss", "val_bpb", "reward_mean", "accuracy", "pair_accuracy", "kl", "pass_rate")
 SKIP_CURVES = ("lr", "tok/s", "tokens_per_s", "step_s", "grad_norm")
@@ -238,6 +241,8 @@ def render_terminal(card: Card, console, html_file: Path | None = None, width: i
             numbers.add_row(s.label, f"[dim]{s.status}, no summary[/]", "", "", "", "")
         numbers.add_section()
     console.print(numbers)
+    if line := teacher_line(card):
+        console.print(f"[dim]{line}[/]")
     for prompt in card.prompts():
         table = Table(title=f"[bold]{prompt}[/]", title_justify="left", show_header=False, expand=True)
         table.add_column("who", style="cyan", no_wrap=True, width=16)
@@ -247,6 +252,22 @@ def render_terminal(card: Card, console, html_file: Path | None = None, width: i
         console.print(table)
     if html_file:
         console.print(f"curves and the full card: [link=file://{Path(html_file).resolve()}]{html_file}[/]")
+
+
+def teacher_line(card: Card) -> str:
+    """The embedded teacher's score on the external arithmetic, the reference line under the student's rows
+    (measured by bench/bench_teacher_math.py and shipped with the set); empty when no stage measured it."""
+    from importlib import resources
+
+    if not any("ext_math_acc" in {**s.start, **s.end} for s in card.stages):
+        return ""
+    source = resources.files("instar.evalsets").joinpath("arithmetic.teacher.json")
+    if not source.is_file():
+        return ""
+    t = json.loads(source.read_text(encoding="utf-8"))
+    return (f"reference, external arithmetic: the embedded teacher ({t['model']}) answers "
+            f"{t['bare']['accuracy']:.1%} asked the bare question, {t['instruction']['accuracy']:.1%} with the "
+            f"answer-line instruction ({t['problems']} problems, greedy)")
 
 
 def pipeline_line(card: Card) -> str:
@@ -318,6 +339,8 @@ def write_html(card: Card, path: Path) -> Path:
                          f"</td><td class=num>{fmt(s.start.get(k))}</td><td class=num>{fmt(s.end.get(k))}</td>"
                          f"<td class='num {cls}'>{text}</td><td>{e(data) if i == 0 else ''}</td></tr>")
     parts.append("</table>")
+    if line := teacher_line(card):
+        parts.append(f"<p><i>{e(line)}</i></p>")
     prompts = card.prompts()
     if prompts:
         parts.append("<h2>The same prompts, stage by stage</h2>")

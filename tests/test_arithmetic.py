@@ -169,3 +169,27 @@ def test_tokenizer_splits_numbers_into_digits():
     pieces = [p.replace("Ġ", "") for p in tok.tokenize("Add 1234 and 56.")]
     assert [p for p in pieces if p.isdigit()] == ["1", "2", "3", "4", "5", "6"]
     assert tok.decode(tok("23 + 48 = 71")["input_ids"]) == "23 + 48 = 71"
+
+
+# --- the teacher rewords, instar keeps the numbers ---------------------------------------------------------------
+def test_rephrase_keeps_numbers_and_answer_and_rejects_changed_numbers(store):
+    from instar.generate.backends import FakeBackend
+    from instar.generate.pipeline import GenerateConfig, generate
+    from instar.generate.rephrase import numbers
+
+    def reword(messages):  # a scripted teacher: good rewrites, except it garbles every third item's numbers
+        question = messages[-1]["content"].split("Question: ", 1)[1].split("\n")[0]
+        calls.append(question)
+        if len(calls) % 3 == 0:
+            question = re.sub(r"\d+", lambda m: str(int(m.group()) + 1), question, count=1)
+        return json.dumps({"question": "Here is a puzzle for you: " + question})
+
+    calls = []
+    result = generate(store, GenerateConfig(kind="math", count=6, source="rephrase"), FakeBackend(reword))
+    assert result.accepted == 6 and result.reasons.get("rephrase: numbers changed", 0) >= 2
+    for r in store.records("math"):
+        assert r["question"].startswith("Here is a puzzle for you: ")
+        original = r["question"].removeprefix("Here is a puzzle for you: ")
+        assert original in calls and r["verified_by"] == "procedural"
+        check_steps(r["solution"], r["answer"])  # answer and steps are instar's, for the original numbers
+    assert numbers("It is -4 degrees, then 1,200 and 3.5.") == [-4, 1200, 3.5]

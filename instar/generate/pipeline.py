@@ -43,7 +43,8 @@ class GenerateConfig(StrictConfig):
     backend: Literal["embedded", "llamacpp", "ollama"] = Field("embedded", description="Where text comes from.")
     model: str | None = Field(None, description="GGUF path (llamacpp) or model name (ollama).")
     hosts: list[str] = Field(default_factory=list, description="Ollama server URLs; several spread the load.")
-    source: Literal["llm", "procedural"] = Field("llm", description="math only: LLM word problems or procedural.")
+    source: Literal["llm", "procedural", "rephrase"] = Field("llm", description="math only: LLM word problems, "
+                                                             "procedural, or procedural reworded by the LLM.")
     seed: int = Field(0, description="Base seed; item i of a kind uses a seed derived from (seed, kind, i).")
     concurrency: int = Field(4, ge=1, le=64, description="Requests in flight (Ollama; llama.cpp runs one).")
     temperature: float = Field(0.8, ge=0.0, le=2.0, description="Sampling temperature of generation requests.")
@@ -56,8 +57,8 @@ class GenerateConfig(StrictConfig):
 
     @model_validator(mode="after")
     def _check(self):
-        if self.source == "procedural" and self.kind != "math":
-            raise ValueError("--source procedural is only for math")
+        if self.source != "llm" and self.kind != "math":
+            raise ValueError(f"--source {self.source} is only for math")
         return self
 
 
@@ -225,7 +226,10 @@ def source(cfg: GenerateConfig, backend: Backend | None) -> tuple:
     """The recipe for this config and the backend it runs on (built from the config unless given)."""
     if cfg.source == "procedural":
         return math_procedural, backend or NoModel()
-    return RECIPES[cfg.kind], backend or make_backend(
+    if cfg.source == "rephrase":
+        from instar.generate.rephrase import math_rephrase
+    recipe = math_rephrase if cfg.source == "rephrase" else RECIPES[cfg.kind]
+    return recipe, backend or make_backend(
         cfg.backend, model=cfg.model, hosts=cfg.hosts, concurrency=cfg.concurrency, timeout=cfg.timeout,
         retries=cfg.retries, num_ctx=cfg.num_ctx, constrained=cfg.constrained)
 

@@ -77,6 +77,8 @@ class Config(TrainConfig):
     curriculum: bool = Field(True, description="Adapt difficulty to keep the pass rate near target_pass.")
     target_pass: float = Field(0.5, gt=0, lt=1, description="Pass rate the curriculum aims for.")
     band: float = Field(0.2, gt=0, lt=0.5, description="Difficulty moves when the smoothed pass rate leaves target ± band.")
+    mixed_levels: float = Field(0.0, ge=0, le=1, description="Share of each batch drawn from every level 1..5 "
+                                "(procedural), the rest at the curriculum's level: keeps the forms SFT taught in play.")
     eval_problems: int = Field(64, ge=1, description="Held-out problems for pass@1 (procedural source).")
     eval_difficulty: int | None = Field(None, ge=1, le=MAX_DIFFICULTY, description="Held-out level (procedural); "
                                         "default: mixed levels 1..5.")
@@ -112,10 +114,12 @@ class Problems:
             pool = self.pool[min(self.levels, key=lambda d: abs(d - level))]
             g = torch.Generator().manual_seed(seed)
             return [pool[int(i)] for i in torch.randint(len(pool), (n,), generator=g)]
-        rows = [r for r in make_problems(8 * n, seed, self.cfg.families, level) if r["question"] not in self.seen]
-        if len(rows) < n:
+        mixed = round(n * self.cfg.mixed_levels)
+        rows = [r for r in make_problems(8 * (n - mixed), seed, self.cfg.families, level) if r["question"] not in self.seen]
+        if len(rows) < n - mixed:
             raise InstarError(f"level {level} has too few problems outside the held-out set; lower eval_problems")
-        return rows[:n]
+        rest = [r for r in make_problems(2 * mixed, -seed - 2, self.cfg.families) if r["question"] not in self.seen]
+        return rows[:n - mixed] + rest[:mixed]
 
 
 @dataclass
