@@ -193,3 +193,19 @@ def test_rephrase_keeps_numbers_and_answer_and_rejects_changed_numbers(store):
         assert original in calls and r["verified_by"] == "procedural"
         check_steps(r["solution"], r["answer"])  # answer and steps are instar's, for the original numbers
     assert numbers("It is -4 degrees, then 1,200 and 3.5.") == [-4, 1200, 3.5]
+
+
+def test_grpo_mixed_batches_span_levels_and_never_hold_out_problems():
+    from instar.train.grpo import Config, Problems
+
+    cfg = Config(families=["arithmetic", "story"], batch_size=16, mixed_levels=0.5, eval_problems=200)
+    problems = Problems(cfg, store=None)
+    held = {r["question"] for r in problems.heldout}
+    levels = []
+    for step in range(20):
+        batch = problems.batch(step, 2)
+        assert len(batch) == 16 and not held & {r["question"] for r in batch}
+        assert batch == problems.batch(step, 2)  # a pure function of the step: exact resume
+        assert {r["difficulty"] for r in batch[:8]} == {2}
+        levels += [r["difficulty"] for r in batch[8:]]
+    assert set(levels) == {1, 2, 3, 4, 5}
