@@ -14,7 +14,7 @@ from instar.generate.safe_eval import parse_number, safe_eval
 from instar.generate.sft_math import LEVEL_WEIGHTS, math_sft_records
 from instar.train.rewards import extract_answer
 
-_STEP = re.compile(r"^(\(?-?[\d.]+\)?) ([-+*/]) (\(?-?[\d.]+\)?) = (-?[\d./]+)$")
+_STEP = re.compile(r"^\(?-?[\d.]+\)?( [-+*/] \(?-?[\d.]+\)?)+ = -?[\d./]+$")
 
 
 def every_generated_question(per_level: int = 400) -> set[str]:
@@ -60,16 +60,14 @@ def test_no_training_generator_emits_an_external_question_or_its_template():
 
 # --- the procedural forms ------------------------------------------------------------------------------------
 def check_steps(solution: str, answer: str):
-    """Every worked line is one true operation, and the last result is the answer."""
+    """Every worked line is a true equation of numbers (an operation, or a column with its carry), and the last
+    result is the answer."""
     lines = solution.splitlines()
-    last = None
     for line in lines:
-        m = _STEP.match(line)
-        assert m, line
-        a, op, b, z = m.groups()
-        assert safe_eval(f"{a} {op} {b}") == parse_number(z), line
-        last = z
-    assert parse_number(last if last is not None else lines[-1]) == parse_number(answer)
+        assert _STEP.match(line), line
+        lhs, rhs = line.rsplit(" = ", 1)
+        assert safe_eval(lhs) == parse_number(rhs), line
+    assert parse_number(lines[-1].rsplit(" = ", 1)[-1]) == parse_number(answer)
 
 
 @pytest.mark.parametrize("family", ["arithmetic", "story"])
@@ -81,9 +79,22 @@ def test_worked_steps_are_true_and_end_at_the_answer(family):
             check_steps(p.solution, p.record()["answer"])
 
 
+def test_sums_and_differences_of_bigger_numbers_go_column_by_column():
+    from fractions import Fraction as F
+
+    assert ar.columns(F(48), "+", F(37)) == ["8 + 7 = 15", "4 + 3 + 1 = 8"]
+    assert ar.columns(F(52), "-", F(37)) == ["12 - 7 = 5", "4 - 3 = 1"]
+    assert ar.columns(F(37), "-", F(52)) == ar.columns(F(52), "-", F(37))  # the final line gives the sign
+    assert ar.columns(F(205), "+", F(43)) == ["5 + 3 = 8", "0 + 4 = 4"]    # the lone 2 is copied
+    assert ar.columns(F(7), "+", F(5)) == [] and ar.columns(F(-15), "+", F(27)) == []
+    assert ar.solution(("-", ("+", 48, 37, False), 9, False)).splitlines() == [
+        "8 + 7 = 15", "4 + 3 + 1 = 8", "48 + 37 = 85", "15 - 9 = 6", "7 - 0 = 7", "85 - 9 = 76"]
+
+
 def test_other_families_show_their_steps_too():
-    p = make_problem("percent", random.Random(1), 4)  # "A shirt costs $40 ... 15% off": three operations
-    assert len(p.solution.splitlines()) == 3
+    p = make_problem("percent", random.Random(1), 4)  # "A shirt costs $50 ... 50% off": three operations
+    assert [line for line in p.solution.splitlines() if line.count(" ") == 4] == [
+        "50 * 50 = 2500", "2500 / 100 = 25", "10 - 5 = 5", "4 - 2 = 2", "50 - 25 = 25"]
     check_steps(p.solution, p.record()["answer"])
 
 

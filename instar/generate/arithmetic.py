@@ -18,7 +18,9 @@ chain of instructions ("Begin with 23. Add 48, then subtract 9."), or as a short
     5  any of the above with operands up to three digits
 
 The reply a model is taught (`worked_steps`) is one line per operation, innermost first, left to right —
-"23 + 48 = 71", "71 - 9 = 62" — then "Answer: 62": the seed's "defined series of steps". A negative right
+"23 + 48 = 71", "71 - 9 = 62" — then "Answer: 62": the seed's "defined series of steps". A sum or difference
+with a two- or three-digit operand is first done in columns, units first ("3 + 8 = 11", "2 + 4 + 1 = 7",
+then "23 + 48 = 71"; see `columns`), so every operation a model must learn is a single-digit fact. A negative right
 operand is written in brackets ("8 - (-5) = 13") so every step reads one way. The step lines restate the
 problem as arithmetic, so a model that learned to parse a phrasing and to add two numbers can answer
 phrasings it never saw; GRPO's reward checks only the final answer line.
@@ -73,7 +75,39 @@ def _steps(t: Tree) -> tuple[list[str], F]:
     (left, a), (right, b) = _steps(t[1]), _steps(t[2])
     op = t[0]
     z = a + b if op == "+" else a - b if op == "-" else a * b if op == "*" else a / b
-    return left + right + [f"{_operand(a, False)} {op} {_operand(b, True)} = {format_number(z)}"], z
+    line = f"{_operand(a, False)} {op} {_operand(b, True)} = {format_number(z)}"
+    return left + right + columns(a, op, b) + [line], z
+
+
+def columns(a: F, op: str, b: F) -> list[str]:
+    """Column steps for a sum or difference of whole numbers >= 0 with a two- or three-digit operand, units
+    first, each one single-digit fact (a carry is "+ 1"; a borrow shows as the top digit + 10):
+    48 + 37 -> ["8 + 7 = 15", "4 + 3 + 1 = 8"]; 52 - 37 -> ["12 - 7 = 5", "4 - 3 = 1"]; 37 - 52 -> the columns
+    of 52 - 37 (the line that follows gives the sign). [] for anything else (signs, fractions, one digit,
+    products), which keeps its one line. Why: with "48 + 37 = 85" alone a ~1M model must learn every sum of
+    two-digit numbers as its own fact; in columns it needs the 100 single-digit facts, and every column
+    drills them."""
+    if op not in "+-" or a.denominator != 1 or b.denominator != 1 or min(a, b) < 0 or max(a, b) < 10:
+        return []
+    x, y = int(a), int(b)
+    if op == "-" and x < y:
+        x, y = y, x
+    xs, ys = str(x)[::-1], str(y)[::-1]
+    lines, carry = [], 0
+    for i in range(max(len(xs), len(ys))):
+        dx, dy = int(xs[i]) if i < len(xs) else 0, int(ys[i]) if i < len(ys) else None
+        if dy is None and not carry:
+            continue  # a digit only the longer number has, nothing carried: it is copied
+        dy = dy or 0
+        if op == "+":
+            total = dx + dy + carry
+            lines.append(f"{dx} + {dy}{' + 1' if carry else ''} = {total}")
+            carry = total // 10
+        else:
+            top = dx - carry
+            carry = int(top < dy)
+            lines.append(f"{top + 10 * carry} - {dy} = {top + 10 * carry - dy}")
+    return lines
 
 
 def solution(t: Tree) -> str:
