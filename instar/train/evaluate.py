@@ -115,7 +115,7 @@ def by_family(records: list[dict], answers: list[dict]) -> dict[str, float]:
 
 
 # --- the external arithmetic yardstick and the prompt form a run was trained with -----------------------
-EXTERNAL_MATH_TOKENS = 96  # worked steps of a 5-term chain ("12 + 7 = 19" x 4 + the answer line) fit with room
+EXTERNAL_MATH_TOKENS = 160  # worked steps of a 5-term two-digit chain in columns (4 x ~35 tokens) + the answer line
 
 
 def external_arithmetic(model, tok, instruction: str = "", batch_size: int = 64) -> dict[str, float]:
