@@ -220,3 +220,37 @@ def test_grpo_mixed_batches_span_levels_and_never_hold_out_problems():
         assert {r["difficulty"] for r in batch[:8]} == {2}
         levels += [r["difficulty"] for r in batch[8:]]
     assert set(levels) == {1, 2, 3, 4, 5}
+
+
+def test_the_packaged_yardstick_reads_as_math_records():
+    from pathlib import Path
+
+    from instar import evalsets
+    from instar.train.evaluate import read_jsonl
+
+    kind, records = read_jsonl(Path(str(evalsets.path("arithmetic"))))
+    assert kind == "math" and len(records) == len(external())
+
+
+def test_report_card_shows_the_external_rows_and_the_teacher_reference(store, tmp_path):
+    import io
+
+    from rich.console import Console
+
+    from instar.datasets import runs
+    from instar.report_card import report
+
+    pid = runs.start_run(store, kind="pipeline", stage="pipeline", config={}, out_dir=str(tmp_path))
+    rid = runs.start_run(store, kind="train", stage="grpo", config={}, out_dir=str(tmp_path / "grpo"), parent_id=pid)
+    start, end = {"accuracy": 0.05, "ext_math_acc": 0.0612, "ext_math_format": 0.99}, {"accuracy": 0.11,
+                                                                                       "ext_math_acc": 0.0791,
+                                                                                       "ext_math_format": 1.0}
+    runs.finish_run(store, rid, summary={"stage": "grpo", "run_id": rid, "config": {}, "data": {}, "start": start,
+                                         "end": end})
+    runs.finish_run(store, pid, summary={"stages": ["grpo"]})
+    con = Console(file=io.StringIO(), width=220, color_system=None)
+    report(store, pid, con, html_out=tmp_path / "card.html")
+    text = con.file.getvalue()
+    assert "external arithmetic: accuracy" in text and "0.0612" in text and "0.0791" in text
+    assert "reference, external arithmetic: the embedded teacher" in text
+    assert "reference, external arithmetic" in (tmp_path / "card.html").read_text()
