@@ -144,7 +144,7 @@ def generate_cmd(
         topics: Annotated[Optional[str], typer.Option("--topics", help="A file of topics, one per line.")] = None,
         from_: Annotated[Optional[str], typer.Option("--from", help="instructions: questions and answers grounded "
                                                      "in these documents (a file or folder: .txt .md .html .pdf).")] = None,
-        source: Annotated[Optional[str], typer.Option(help="math: llm (default) or procedural.")] = None,
+        source: Annotated[Optional[str], typer.Option(help="math: llm (default), procedural or rephrase.")] = None,
         seed: Annotated[Optional[int], typer.Option(help="Base seed (default 0).")] = None,
         concurrency: Annotated[Optional[int], typer.Option(help="Items in flight (default 8).")] = None,
         temperature: Annotated[Optional[float], typer.Option(help="Sampling temperature.")] = None,

@@ -66,11 +66,12 @@ class DataConfig(StrictConfig):
         "stronger teacher: the 135M judge tied in 11 of 13 tries); procedural = pairs "
         "from the stored chat conversations (chosen: the conversation's own answer; rejected: another conversation's "
         "answer, or the answer damaged: looping, shuffled or cut off).")
-    math_sft: int = Field(1500, ge=0, description="Procedural math problems added as SFT conversations in GRPO's "
-                          "answer format (so a model from scratch can earn some reward in stage 4; ~870 distinct "
-                          "at level 1).")
+    math_sft: int = Field(20000, ge=0, description="Procedural math conversations for SFT (generate/sft_math.py): "
+                          "arithmetic and story problems of levels 1-5 with worked steps (columns for bigger numbers), "
+                          "then 'Answer: N' — GRPO's families and prompt form, its held-out problems excluded.")
     math: int = Field(0, ge=0, description="Target stored `math` records (GRPO with train.grpo.source = 'store').")
-    math_source: Literal["procedural", "llm"] = Field("procedural", description="Math: procedural (no LLM) or llm.")
+    math_source: Literal["procedural", "llm", "rephrase"] = Field(
+        "procedural", description="Math: procedural (no LLM), llm, or rephrase (procedural, reworded by the teacher).")
     topics: list[str] = Field(default_factory=list, description="What the teacher writes about (corpus, "
                               "instructions, judged preferences, LLM math); default: the built-in pools.")
     topics_file: str | None = Field(None, description="A text file of topics, one per line (added to `topics`).")
@@ -159,7 +160,7 @@ def top_up(store, cfg: PipelineConfig, grpo_cfg, console) -> dict[str, int]:
         steering(GenerateConfig(kind="instructions", count=1, topics=d.topics, topics_file=d.topics_file,
                                 documents=d.documents))
     # First: these conversations also fill the messages val split; they do not count toward `instructions`.
-    n_math = math_conversations(store, d.math_sft, cfg.seed, grpo_cfg, console) if d.math_sft else 0
+    n_math = sft_math(store, cfg, grpo_cfg, console)
     for kind in ("corpus", "instructions", "preferences", "math"):
         target = getattr(d, kind) + (n_math if kind == "instructions" and getattr(d, kind) else 0)
         if target == 0 or store.count(KIND_OF[kind]) >= target:
@@ -184,23 +185,22 @@ def top_up(store, cfg: PipelineConfig, grpo_cfg, console) -> dict[str, int]:
     return {kind: store.count(kind) for kind in KIND_OF.values()}
 
 
-def math_conversations(store, count: int, seed: int, grpo_cfg, console) -> int:
-    """`count` procedural problems stored as SFT conversations in GRPO's format (idempotent); returns how many
-    distinct ones the store holds. Same families, starting difficulty and instruction as the GRPO stage, and
-    never one of GRPO's held-out problems (so stage 4's before/after accuracy stays a held-out number)."""
-    from instar.datasets.store import Provenance
-    from instar.generate.procedural import make_problems
-    from instar.train.grpo import Config as GrpoConfig, Problems
-    from instar.train.rewards import math_messages
+def sft_math(store, cfg: PipelineConfig, grpo_cfg, console) -> int:
+    """The SFT math conversations (generate/sft_math.py) in GRPO's families and prompt form, GRPO's held-out
+    problems excluded; the prompt form is kept in the pipeline directory for `instar eval`."""
+    from instar.generate.procedural import heldout_problems
+    from instar.generate.sft_math import math_conversations
+    from instar.train.grpo import Config as GrpoConfig
+    from instar.train.rewards import save_prompt_form
 
     grpo_cfg = grpo_cfg or GrpoConfig()
-    held = {r["question"] for r in Problems(grpo_cfg, store).heldout} if grpo_cfg.source == "procedural" else set()
-    problems = make_problems(count, seed + 1, grpo_cfg.families, grpo_cfg.difficulty)
-    records = [math_messages(p, grpo_cfg.instruction) for p in problems if p["question"] not in held]
-    added = store.add("messages", records, Provenance(source="procedural", template="math-sft-v1", seed=seed))
-    console.print(f"math conversations for SFT: {added.inserted} added, {added.duplicates} already stored "
-                  f"({len(held)} held-out problems excluded)")
-    return len(added.ids)  # distinct conversations of this set now stored
+    save_prompt_form(cfg.out, grpo_cfg.instruction)
+    if not cfg.data.math_sft:
+        return 0
+    held = ({r["question"] for r in heldout_problems(grpo_cfg.eval_problems, grpo_cfg.families, grpo_cfg.eval_difficulty)}
+            if grpo_cfg.source == "procedural" else set())
+    return math_conversations(store, cfg.data.math_sft, cfg.seed, grpo_cfg.families, grpo_cfg.instruction, held,
+                              console)
 
 
 def procedural_pairs(store, target: int, seed: int) -> int:

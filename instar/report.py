@@ -252,7 +252,12 @@ def render_eval(result: dict, as_json: bool = False, con: Console | None = None)
     con.print(f"[bold]eval[/] · {result['kind']} · {result['n']:,} records", highlight=False)
     table = _table("", "metric", "value")
     for name, value in result.items():
-        if name not in ("kind", "n") and not isinstance(value, list):  # lists (math answers) are for --json
+        if isinstance(value, dict):  # math: accuracy per form
+            for k, v in value.items():
+                table.add_row(f"{name}: {k}", format_value(name, v))
+        elif isinstance(value, str):  # math: the prompt form the model was asked in
+            table.add_row(name, value)
+        elif name not in ("kind", "n") and not isinstance(value, list):  # lists (math answers) are for --json
             table.add_row(name, f"{value:,}" if isinstance(value, int) else format_value(name, value))
     con.print(table)
 

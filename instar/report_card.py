@@ -36,7 +36,10 @@ METRICS = {"val_loss": ("val loss", True), "val_bpb": ("val bits/byte", True), "
            "pair_accuracy": ("pair accuracy", False), "margin": ("reward margin", False),
            "reward_mean": ("policy reward", False), "kl": ("KL to reference", True),
            "reward_accuracy": ("DPO reward accuracy", False), "reward_margin": ("DPO reward margin", False),
-           "accuracy": ("math accuracy", False), "pass_rate": ("pass rate", False)}
+           "accuracy": ("math accuracy", False), "pass_rate": ("pass rate", False),
+           # The hand-written arithmetic no stage trains on (instar/evalsets/arithmetic.jsonl): what generalises.
+           "ext_math_acc": ("external arithmetic: accuracy", False),
+           "ext_math_format": ("external arithmetic: answer-line rate", False)}
 # Curves worth a plot, most telling first; any other logged series follows up to MAX_CURVES per stage.
 CURVE_PRIORITY = ("loss", "val_loss", "val_bpb", "reward_mean", "accuracy", "pair_accuracy", "kl", "pass_rate")
 SKIP_CURVES = ("lr", "tok/s", "tokens_per_s", "step_s", "sec_per_step", "grad_norm")
@@ -253,6 +256,8 @@ def render_terminal(card: Card, console, html_file: Path | None = None, width: i
             numbers.add_row("", "peak memory", "", s.memory, "", "")
         numbers.add_section()
     console.print(numbers)
+    if line := teacher_line(card):
+        console.print(f"[dim]{line}[/]")
     render_quality(None, console, card.data_quality)
     for prompt in card.prompts():
         table = Table(title=f"[bold]{prompt}[/]", title_justify="left", show_header=False, expand=True)
@@ -263,6 +268,22 @@ def render_terminal(card: Card, console, html_file: Path | None = None, width: i
         console.print(table)
     if html_file:
         console.print(f"curves and the full card: [link=file://{Path(html_file).resolve()}]{html_file}[/]")
+
+
+def teacher_line(card: Card) -> str:
+    """The embedded teacher's score on the external arithmetic, the reference line under the student's rows
+    (measured by bench/bench_teacher_math.py and shipped with the set); empty when no stage measured it."""
+    from importlib import resources
+
+    if not any("ext_math_acc" in {**s.start, **s.end} for s in card.stages):
+        return ""
+    source = resources.files("instar.evalsets").joinpath("arithmetic.teacher.json")
+    if not source.is_file():
+        return ""
+    t = json.loads(source.read_text(encoding="utf-8"))
+    return (f"reference, external arithmetic: the embedded teacher ({t['model']}) answers "
+            f"{t['bare']['accuracy']:.1%} asked the bare question, {t['instruction']['accuracy']:.1%} with the "
+            f"answer-line instruction ({t['problems']} problems, greedy)")
 
 
 def pipeline_line(card: Card) -> str:
@@ -339,6 +360,8 @@ def write_html(card: Card, path: Path) -> Path:
             parts.append(f"<tr><td></td><td>peak memory</td><td></td><td class=num>{e(s.memory)}</td><td></td>"
                          "<td></td></tr>")
     parts.append("</table>")
+    if line := teacher_line(card):
+        parts.append(f"<p><i>{e(line)}</i></p>")
     if card.data_quality:  # the data every stage learned from: how much of it, how varied, how clean
         head = ("kind", "records", "acceptance", "distinct-2", "near dups", "words p10/med/p90", "top failure reasons")
         parts.append("<h2>Data quality</h2><table><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>")

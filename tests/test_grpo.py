@@ -171,15 +171,15 @@ def test_training_batches_never_contain_held_out_problems():
 
 
 # --- end to end on a tiny arithmetic world ------------------------------------------------------------------
-FAMILIES = ["arithmetic", "money"]  # both are single-digit sums at level 1, worded differently
-GRPO_FAST = ['families=["arithmetic", "money"]', "difficulty=1", "eval_difficulty=1", "curriculum=false",
+FAMILIES = ["money", "ages"]  # both are single-digit sums at level 1, worded differently (arithmetic's level 1
+GRPO_FAST = ['families=["money", "ages"]',      # mixes sums and differences in ~90 phrasings: too much for 150 steps) "difficulty=1", "eval_difficulty=1", "curriculum=false",
              'instruction=""', "max_new_tokens=24", "batch_size=8", "group_size=8", "save_every=0",
              "log_every=5", "sample_tokens=8", "seed=0"]
 
 
 @pytest.fixture(scope="module")
 def arith_world(tmp_path_factory):
-    """(store, sft run dir): a tiny model taken through stages 1-2 on single-digit sums, ~35 s on 2 cores.
+    """(store, sft run dir): a tiny model taken through stages 1-2 on single-digit sums, ~50 s on 2 cores.
 
     Like data a weak teacher writes, the SFT replies end in one of two styles: 40% with the documented
     `Answer: N` line, 60% with "The answer is N." — so the stage-2 model's greedy answers mostly miss the
@@ -209,7 +209,9 @@ def arith_world(tmp_path_factory):
     fast = ["eval_every=0", "save_every=0", "log_every=50", "sample_tokens=8", "eval_batches=2", "batch_size=16",
             "max_len=64"]
     run_stage("pretrain", None, [f"out={path}/pt", "max_steps=40"] + fast, store)
-    run_stage("sft", None, [f"model={path}/pt", f"out={path}/sft", "max_steps=150", "lr=1e-3"] + fast, store)
+    # 300 steps: with money + ages (longer questions than the old "What is a + b?") and digit tokens, 150 steps left
+    # a model GRPO lifted only 0.00 -> 0.17 (0.08 without digit tokens); 300 steps: 0.00 -> 0.94 (measured).
+    run_stage("sft", None, [f"model={path}/pt", f"out={path}/sft", "max_steps=300", "lr=1e-3"] + fast, store)
     return store, path / "sft"
 
 

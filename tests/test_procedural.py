@@ -39,11 +39,14 @@ def test_difficulty_and_families_respected():
     assert {p.difficulty for p in mixed} == set(range(1, MAX_DIFFICULTY + 1))
 
 
-def test_lowest_level_is_single_digit_addition():
-    for p in make_problem_objects(50, seed=0, families=["arithmetic"], difficulty=1):
-        a, b = p.expr.split(" + ")
-        assert 0 <= int(a) <= 9 and 0 <= int(b) <= 9
-        assert p.question == f"What is {a} + {b}?"
+def test_lowest_level_is_single_digit_sums_and_differences_in_many_phrasings():
+    problems = make_problem_objects(200, seed=0, families=["arithmetic"], difficulty=1)
+    for p in problems:
+        a, op, b = p.expr.split(" ")
+        assert 0 <= int(a) <= 9 and 0 <= int(b) <= 9 and op in "+-" and p.answer >= 0
+        assert p.solution == f"{p.expr} = {p.record()['answer']}"  # the one worked step
+    assert {p.expr.split(" ")[1] for p in problems} == {"+", "-"}
+    assert len({p.question.replace(p.expr, "E") for p in problems}) > 20  # many sentence patterns
 
 
 def test_higher_levels_are_harder():

@@ -158,16 +158,17 @@ def test_stages_are_chained_through_run_directories():
     assert list(dpo) == ["pretrain", "sft", "dpo", "grpo"] and dpo["grpo"].model == "x/dpo"
 
 
-def test_math_sft_excludes_grpo_held_out_problems_and_procedural_pairs_reach_val(store):
+def test_math_sft_excludes_grpo_held_out_problems_and_procedural_pairs_reach_val(store, tmp_path):
     import io
 
     from rich.console import Console
 
-    from instar.pipeline_run import load_pipeline_config, math_conversations, procedural_pairs, stage_configs
+    from instar.pipeline_run import load_pipeline_config, procedural_pairs, sft_math, stage_configs
     from instar.train.grpo import Problems
 
-    grpo = stage_configs(load_pipeline_config(None, []))["grpo"]
-    n = math_conversations(store, 200, 0, grpo, Console(file=io.StringIO()))
+    cfg = load_pipeline_config(None, [f"out={tmp_path}", "data.math_sft=200"])
+    grpo = stage_configs(cfg)["grpo"]
+    n = sft_math(store, cfg, grpo, Console(file=io.StringIO()))
     held = {r["question"] for r in Problems(grpo, store).heldout}
     asked = {m["messages"][0]["content"] for m in store.records("messages")}
     assert n == store.count("messages") > 50 and not asked & held

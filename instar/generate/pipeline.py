@@ -56,7 +56,8 @@ class GenerateConfig(StrictConfig):
     topics_file: str | None = Field(None, description="A text file of topics, one per line (added to `topics`).")
     documents: str | None = Field(None, description="instructions only: a file or folder (.txt .md .html .pdf) "
                                   "whose passages ground question-answer conversations.")
-    source: Literal["llm", "procedural"] = Field("llm", description="math only: LLM word problems or procedural.")
+    source: Literal["llm", "procedural", "rephrase"] = Field("llm", description="math only: LLM word problems, "
+                                                             "procedural, or procedural reworded by the LLM.")
     seed: int = Field(0, description="Base seed; item i of a kind uses a seed derived from (seed, kind, i).")
     concurrency: int = Field(8, ge=1, le=64, description="Items in flight: requests to a server, or sequences "
                              "llama.cpp decodes in one batch (8: bench/README.md).")
@@ -70,8 +71,8 @@ class GenerateConfig(StrictConfig):
 
     @model_validator(mode="after")
     def _check(self):
-        if self.source == "procedural" and self.kind != "math":
-            raise ValueError("--source procedural is only for math")
+        if self.source != "llm" and self.kind != "math":
+            raise ValueError(f"--source {self.source} is only for math")
         if self.documents is not None and self.kind != "instructions":
             raise ValueError("--from is only for instructions (`instar data import PATH` makes pretraining text)")
         if any(not t.strip() or len(t) > 200 for t in self.topics):
@@ -275,7 +276,10 @@ def source(cfg: GenerateConfig, backend: Backend | None) -> tuple:
     """The recipe for this config and the backend it runs on (built from the config unless given)."""
     if cfg.source == "procedural":
         return math_procedural, backend or NoModel()
-    return RECIPES[cfg.kind], backend or make_backend(
+    if cfg.source == "rephrase":
+        from instar.generate.rephrase import math_rephrase
+    recipe = math_rephrase if cfg.source == "rephrase" else RECIPES[cfg.kind]
+    return recipe, backend or make_backend(
         cfg.backend, model=cfg.model, hosts=cfg.hosts, concurrency=cfg.concurrency, timeout=cfg.timeout,
         retries=cfg.retries, num_ctx=cfg.num_ctx, constrained=cfg.constrained)
 

@@ -25,9 +25,12 @@ from fractions import Fraction as F
 from typing import Callable
 
 from instar.errors import InstarError
+from instar.generate.arithmetic import arithmetic_problem, expression, solution, story_problem, tree_of, value
 from instar.generate.safe_eval import format_number
 
 MAX_DIFFICULTY = 5
+HELDOUT_SEED = -1  # held-out problems come from this seed; training seeds are >= 0. A shared seed once leaked:
+                   # seed 1's SFT set on seed 0's database held seed 0's held-out problems (GRPO started at 0.74, not ~0.5).
 NAMES = ["Tom", "Ann", "Sam", "Mia", "Leo", "Zoe", "Ben", "Eva", "Max", "Ivy"]
 ITEMS = ["pens", "apples", "books", "cups", "stickers", "balls", "cards", "shells"]
 
@@ -51,37 +54,19 @@ def _money(x: F) -> str:
     return f"${x.numerator}" if x.denominator == 1 else f"${float(x):.2f}"
 
 
-def _worked(expr: str, answer: F) -> str:
-    return f"{expr} = {format_number(answer)}"
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Families: (rng, difficulty) -> (question, answer, expr). Answers are Fractions computed from the numbers.
 
 def arithmetic(rng: random.Random, d: int) -> tuple[str, F, str]:
-    if d == 1:
-        a, b = rng.randint(0, 9), rng.randint(0, 9)
-        return f"What is {a} + {b}?", F(a + b), f"{a} + {b}"
-    if d == 2:
-        a, b = rng.randint(1, 20), rng.randint(1, 20)
-        if rng.random() < 0.5:
-            a, b = max(a, b), min(a, b)  # keep subtraction non-negative at this level
-            return f"What is {a} - {b}?", F(a - b), f"{a} - {b}"
-        return f"What is {a} + {b}?", F(a + b), f"{a} + {b}"
-    if d == 3:
-        a, b, c = (rng.randint(1, 50) for _ in range(3))
-        s1, s2 = rng.choice("+-"), rng.choice("+-")
-        value = F(a) + (b if s1 == "+" else -b) + (c if s2 == "+" else -c)
-        expr = f"{a} {s1} {b} {s2} {c}"
-        return f"What is {expr}?", value, expr
-    if d == 4:
-        a, b, c = rng.randint(2, 12), rng.randint(2, 12), rng.randint(1, 50)
-        sign = rng.choice("+-")
-        expr = f"{a} * {b} {sign} {c}"
-        return f"What is {expr}?", F(a * b + (c if sign == "+" else -c)), expr
-    a, b, c, d_ = rng.randint(2, 30), rng.randint(2, 30), rng.randint(2, 9), rng.randint(1, 99)
-    expr = f"({a} + {b}) * {c} - {d_}"
-    return f"What is {expr}?", F((a + b) * c - d_), expr
+    """Expressions in many phrasings (arithmetic.py): sums, differences, negatives, brackets, chains, products."""
+    question, tree = arithmetic_problem(rng, d)
+    return question, value(tree), expression(tree)
+
+
+def story(rng: random.Random, d: int) -> tuple[str, F, str]:
+    """Short word problems of one to three steps (arithmetic.py), some with answers below zero."""
+    question, tree = story_problem(rng, d)
+    return question, value(tree), expression(tree)
 
 
 def percent(rng: random.Random, d: int) -> tuple[str, F, str]:
@@ -196,7 +181,8 @@ def linear(rng: random.Random, d: int) -> tuple[str, F, str]:
 
 
 FAMILIES: dict[str, Callable[[random.Random, int], tuple[str, F, str]]] = {
-    "arithmetic": arithmetic, "percent": percent, "rate": rate, "ages": ages, "money": money, "linear": linear,
+    "arithmetic": arithmetic, "story": story, "percent": percent, "rate": rate, "ages": ages, "money": money,
+    "linear": linear,
 }
 
 
@@ -205,13 +191,19 @@ FAMILIES: dict[str, Callable[[random.Random, int], tuple[str, F, str]]] = {
 
 def make_problem(family: str, rng: random.Random, difficulty: int) -> Problem:
     question, answer, expr = FAMILIES[family](rng, difficulty)
-    return Problem(question, answer, expr, _worked(expr, answer), family, difficulty)
+    return Problem(question, answer, expr, solution(tree_of(expr)), family, difficulty)
 
 
 def make_problems(count: int, seed: int, families: list[str] | None = None,
                   difficulty: int | None = None) -> list[dict]:
     """`count` valid `math` records; family and (unless given) difficulty are drawn per problem."""
     return [p.record() for p in make_problem_objects(count, seed, families, difficulty)]
+
+
+def heldout_problems(count: int, families: list[str] | None = None, difficulty: int | None = None) -> list[dict]:
+    """GRPO's held-out problems (distinct questions, in order): drawn from HELDOUT_SEED whatever a run's seed is,
+    so the SFT math set of any seed can exclude them (sft_math.py) and stage 4's before/after stays held out."""
+    return list({r["question"]: r for r in make_problems(count, HELDOUT_SEED, families, difficulty)}.values())
 
 
 def make_problem_objects(count: int, seed: int, families: list[str] | None = None,

@@ -4,6 +4,8 @@
     score_conversations(model, examples, pad_id, batch_size)  (ids, mask) pairs -> {"loss", "tokens"} on assistant tokens
     evaluate_math(model, tok, records)                     greedy pass@1 with GRPO's reward functions
     evaluate_file("runs/sft", "val.jsonl") -> {"kind": "messages", "n": 120, "loss": 2.1, "tokens": 9120}
+    evaluate_file("runs/instar/grpo", "arithmetic")  -> the packaged external arithmetic set, asked the run's way
+    external_arithmetic(model, tok, instruction="")  -> {"ext_math_acc", "ext_math_format"}
 
 `EVALUATORS` maps a record kind to fn(model, tok, records, opts) -> metrics; a stage adds its kind by
 registering one ("math" scores with GRPO's reward functions). Loss is mean next-token cross-entropy in nats. Bits-per-byte is the
@@ -16,6 +18,7 @@ nothing is stored.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,6 +107,7 @@ def evaluate_math(model, tok, records: list[dict], max_new_tokens: int = 48, ins
 class EvalOptions:
     batch_size: int = 8
     max_len: int = 512
+    instruction: str = ""  # math: the prompt form (`math_prompt_form`)
 
 
 def eval_text(model, tok, records: list[dict], opts: EvalOptions) -> dict:
@@ -119,9 +123,53 @@ def eval_messages(model, tok, records: list[dict], opts: EvalOptions) -> dict:
 
 
 def eval_math(model, tok, records: list[dict], opts: EvalOptions) -> dict:
-    """Greedy pass@1 with GRPO's own reward functions; the answers it gave come back too."""
-    return evaluate_math(model, tok, records, max_new_tokens=min(opts.max_len, 128), batch_size=opts.batch_size,
-                         answers=True)
+    """Greedy pass@1 with GRPO's own reward functions, asked in the model's own prompt form; the answers it
+    gave and the accuracy of each form (`family`) come back too."""
+    out = evaluate_math(model, tok, records, max_new_tokens=min(opts.max_len, 128), instruction=opts.instruction,
+                        batch_size=opts.batch_size, answers=True)
+    return {"prompt_form": opts.instruction or "bare question", **out, "by_family": by_family(records, out["answers"])}
+
+
+def by_family(records: list[dict], answers: list[dict]) -> dict[str, float]:
+    groups: dict[str, list[bool]] = {}
+    for r, a in zip(records, answers):
+        groups.setdefault(r.get("family", "other"), []).append(a["correct"])
+    return {k: round(sum(v) / len(v), 3) for k, v in groups.items()}
+
+
+# --- the external arithmetic yardstick and the prompt form a run was trained with -----------------------
+EXTERNAL_MATH_TOKENS = 160  # worked steps of a 5-term two-digit chain in columns (4 x ~35 tokens) + the answer line
+
+
+def external_arithmetic(model, tok, instruction: str = "", batch_size: int = 64) -> dict[str, float]:
+    """Greedy pass@1 and answer-line rate on `instar/evalsets/arithmetic.jsonl` (hand-written, never trained
+    on): the report card's "what generalises" rows for math. ~10 s for the ~1M preset on 2 cores."""
+    from instar.evalsets import arithmetic
+
+    m = evaluate_math(model, tok, arithmetic(), EXTERNAL_MATH_TOKENS, instruction, batch_size)
+    return {"ext_math_acc": m["accuracy"], "ext_math_format": m["format_rate"]}
+
+
+def math_prompt_form(checkpoint: str | Path) -> str:
+    """The instruction a run's math questions were asked with ("" = the bare question), found where the run
+    kept it: its own config (`instruction`, GRPO), else the pipeline's record beside it (`math_prompt.json`,
+    written by `instar run` with the SFT math set), else the model it started from, recursively. Models instar
+    did not train (a Hugging Face directory, embedded-smollm2) get the default instruction."""
+    from instar.train.rewards import load_prompt_form
+
+    path = Path(checkpoint)
+    for _ in range(16):  # a chain of stage runs; 16 bounds a cycle of hand-edited configs
+        summary = path / "summary.json"
+        config = json.loads(summary.read_text()).get("config", {}) if summary.is_file() else {}
+        if "instruction" in config:
+            return config["instruction"]
+        kept = load_prompt_form(path.parent)
+        if kept is not None:
+            return kept
+        if not config.get("model") or not Path(config["model"]).is_dir():
+            break
+        path = Path(config["model"])
+    return INSTRUCTION
 
 
 EVALUATORS: dict[str, Callable] = {"text": eval_text, "messages": eval_messages, "math": eval_math}
@@ -134,6 +182,10 @@ def evaluate_file(checkpoint: str | Path, data: str | Path, kind: str | None = N
     from instar.train.config import TrainConfig
     from instar.train.models import load_model, resolve_device, use_bf16
 
+    from instar import evalsets
+
+    if str(data) in evalsets.EVALSETS and not Path(data).exists():  # `--data arithmetic`: a packaged yardstick
+        data = evalsets.path(str(data))
     kind, records = read_records(data, kind)
     if kind not in EVALUATORS:
         raise InstarError(f"no evaluator for {kind!r} records (have: {', '.join(EVALUATORS)})")
@@ -142,5 +194,6 @@ def evaluate_file(checkpoint: str | Path, data: str | Path, kind: str | None = N
     model, tok = load_model(checkpoint, dev)
     model.eval()
     with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16(cfg, dev)):
-        metrics = EVALUATORS[kind](model, tok, records, EvalOptions(batch_size, max_len))
+        opts = EvalOptions(batch_size, max_len, math_prompt_form(checkpoint) if kind == "math" else "")
+        metrics = EVALUATORS[kind](model, tok, records, opts)
     return {"kind": kind, "n": len(records), **metrics}

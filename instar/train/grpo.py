@@ -40,10 +40,10 @@ import torch
 from pydantic import Field
 
 from instar.errors import InstarError
-from instar.generate.procedural import FAMILIES, MAX_DIFFICULTY, make_problems
+from instar.generate.procedural import FAMILIES, MAX_DIFFICULTY, heldout_problems, make_problems
 from instar.train.checkpoint import finished_summary
 from instar.train.config import TrainConfig
-from instar.train.evaluate import evaluate_math
+from instar.train.evaluate import evaluate_math, external_arithmetic
 from instar.train.loop import Closure, Stage, autocast, fit, open_session
 from instar.train.losses import grpo_loss, group_advantages
 from instar.train.models import load_model, unwrap, wrap_lora
@@ -51,9 +51,6 @@ from instar.train.rewards import INSTRUCTION, math_prompt, score
 from instar.train.sampling import attention_kernel, generate, stopped
 from instar.train.tokens import render_chat, token_logprobs
 
-HELDOUT_SEED = -1  # held-out problems come from this seed whatever cfg.seed is: SFT math conversations stored by a
-                   # run with one seed must not contain the held-out problems of a run with another (they did:
-                   # seed 1 on seed 0's database started GRPO at 0.74 instead of ~0.5). Training seeds are >= 0.
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -85,10 +82,14 @@ class Config(TrainConfig):
     curriculum: bool = Field(True, description="Adapt difficulty to keep the pass rate near target_pass.")
     target_pass: float = Field(0.5, gt=0, lt=1, description="Pass rate the curriculum aims for.")
     band: float = Field(0.2, gt=0, lt=0.5, description="Difficulty moves when the smoothed pass rate leaves target ± band.")
+    mixed_levels: float = Field(0.0, ge=0, le=1, description="Share of each batch drawn from every level 1..5 "
+                                "(procedural), the rest at the curriculum's level: keeps the forms SFT taught in play.")
     eval_problems: int = Field(64, ge=1, description="Held-out problems for pass@1 (procedural source).")
     eval_difficulty: int | None = Field(None, ge=1, le=MAX_DIFFICULTY, description="Held-out level (procedural); "
                                         "default: mixed levels 1..5.")
     instruction: str = Field(INSTRUCTION, description="Appended to each question ('' = the bare question).")
+    external_eval: bool = Field(False, description="Also score the hand-written external arithmetic "
+                                "(instar/evalsets) at start and end: ~10 s each on the tiny preset; on in `instar run`.")
 
     unsupported = {"max_len": "max_new_tokens and the prompt set the length",
                    "eval_batches": "eval_problems sets the held-out size",
@@ -105,8 +106,7 @@ class Problems:
             unknown = [f for f in cfg.families if f not in FAMILIES]
             if unknown:
                 raise InstarError(f"families: unknown {unknown[0]!r} (expected from {', '.join(FAMILIES)})")
-            raw = make_problems(cfg.eval_problems, HELDOUT_SEED, cfg.families, cfg.eval_difficulty)
-            self.heldout = list({r["question"]: r for r in raw}.values())
+            self.heldout = heldout_problems(cfg.eval_problems, cfg.families, cfg.eval_difficulty)
             self.levels = list(range(1, MAX_DIFFICULTY + 1))
         else:
             self.heldout = store.require("math", "val", 1)
@@ -123,10 +123,12 @@ class Problems:
             pool = self.pool[min(self.levels, key=lambda d: abs(d - level))]
             g = torch.Generator().manual_seed(seed)
             return [pool[int(i)] for i in torch.randint(len(pool), (n,), generator=g)]
-        rows = [r for r in make_problems(8 * n, seed, self.cfg.families, level) if r["question"] not in self.seen]
-        if len(rows) < n:
+        mixed = round(n * self.cfg.mixed_levels)
+        rows = [r for r in make_problems(8 * (n - mixed), seed, self.cfg.families, level) if r["question"] not in self.seen]
+        if len(rows) < n - mixed:
             raise InstarError(f"level {level} has too few problems outside the held-out set; lower eval_problems")
-        return rows[:n]
+        rest = [r for r in make_problems(2 * mixed, -seed - 2, self.cfg.families) if r["question"] not in self.seen]
+        return rows[:n - mixed] + rest[:mixed]
 
 
 @dataclass
@@ -320,7 +322,8 @@ def run(cfg: Config, store, scorer: Scorer = score) -> dict:
                   evaluate=lambda m: evaluate_math(m, tok, problems.heldout, cfg.max_new_tokens, cfg.instruction),
                   samples=lambda micros: sample_rows(micros[0]["rows"], micros[0], cfg.group_size),
                   table=grpo_samples_table, extra=lambda: {"level": cur.level, "avg": cur.avg, "history": history},
-                  restore=restore, per_step=cfg.epochs)
+                  restore=restore, per_step=cfg.epochs,
+                  yardsticks=(lambda m: external_arithmetic(m, tok, cfg.instruction)) if cfg.external_eval else None)
     start, end = fit(s, stage)
     end = {**end, "rollout_reward": sum(history[-10:]) / max(len(history[-10:]), 1), "difficulty": cur.level}
     return s.finish(unwrap(model), tok, start=start, end=end)

@@ -96,6 +96,7 @@ class Stage:
     micro: Callable[[int], object]               # i -> the i-th micro-batch (or rollout) of the run, pure in i
     updates: Callable[[list], list[list[Closure]]]  # the step's micro-batches -> optimizer steps of closures
     evaluate: Callable[[torch.nn.Module], dict]  # held-out metrics (called with `lm`, no grad, eval mode)
+    yardsticks: Callable[[torch.nn.Module], dict] | None = None  # more of them at start and end only (external sets)
     metrics: Callable[[list, dict], dict] = lambda micros, sums: sums  # step values from the summed stats
     lm: torch.nn.Module | None = None            # the model saved and asked REPORT_PROMPTS (default: model)
     answers: Callable[[str], list[dict]] | None = None   # rows logged at start/end (default: REPORT_PROMPTS)

@@ -76,6 +76,26 @@ def math_prompt(question: str, instruction: str = INSTRUCTION) -> list[dict]:
     return [{"role": "user", "content": content}]
 
 
+PROMPT_FILE = "math_prompt.json"  # in a pipeline's directory: the prompt form its math conversations used
+
+
+def save_prompt_form(directory, instruction: str) -> None:
+    """Keep the math prompt form with a pipeline's runs, so `instar eval` asks its models their way."""
+    import json
+    from pathlib import Path
+
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    (Path(directory) / PROMPT_FILE).write_text(json.dumps({"instruction": instruction}) + "\n")
+
+
+def load_prompt_form(directory) -> str | None:
+    import json
+    from pathlib import Path
+
+    path = Path(directory) / PROMPT_FILE
+    return json.loads(path.read_text()).get("instruction") if path.is_file() else None
+
+
 def math_messages(record: dict, instruction: str = INSTRUCTION) -> dict:
     """A `messages` record teaching the format: worked solution (when known), then the answer line."""
     body = record.get("solution") or ""

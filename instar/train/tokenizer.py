@@ -7,8 +7,14 @@ Special tokens: `<|endoftext|>` (document separator in packed pretraining), `<|i
 (ChatML turns; `<|im_end|>` is the eos, as in SmolLM2-Instruct, so chat generation stops at the end of a turn
 everywhere, llama.cpp included) and `<|pad|>`, a pad token distinct from eos: padding can never be confused
 with the stop token the model must learn. The chat template is ChatML with no default system prompt.
-Byte-level means any string round-trips, so no `<unk>` is needed. Deliberately simple: no normaliser, GPT-2's
-pre-tokenisation regex (the ByteLevel default), merges learned from the corpus only.
+Byte-level means any string round-trips, so no `<unk>` is needed.
+
+Numbers are split into single digits before BPE (the `Digits(individual_digits=True)` pre-tokenizer, then
+GPT-2's ByteLevel regex: the same sequence as SmolLM2's tokenizer, which llama.cpp knows as `smollm`, so the
+GGUF export keeps tokenising the same way). Without it, merges learned from a small corpus give some numbers
+one token and others two or three ("1998" vs "19" "9" "8"), and a model must learn each number's arithmetic
+separately; with it, "23 + 48 = 71" is ten digit and symbol tokens whose columns line up. Deliberately simple:
+no normaliser, merges learned from the corpus only.
 """
 
 from __future__ import annotations
@@ -36,7 +42,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024, min_frequency:
     # 256 byte symbols + 4 specials is the floor; below it BPE cannot even cover the alphabet.
     vocab_size = max(int(vocab_size), 256 + len(SPECIAL_TOKENS))
     bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIAL_TOKENS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)

@@ -1,0 +1,41 @@
+"""External yardsticks: data instar did not generate and no training path reads.
+
+    rows = arithmetic()              # 278 hand-written problems: {"question", "answer", "solution", "family", ...}
+    external_questions()             # their questions, which the math SFT set refuses to store
+
+`arithmetic.jsonl` was written for this purpose by hand: 80 sentence templates (none of them in
+`instar/generate/arithmetic.py` or `procedural.py`; `tests/test_arithmetic.py` checks both that no template
+there can emit one of these questions and that the number-masked templates do not overlap) filled with numbers
+drawn once by a seeded script that is not part of the package. `solution` holds the expression each answer
+was computed from with exact fractions; the test re-computes every answer with the safe evaluator.
+Forms (`family`): two_digit (44), three_digit (20), negatives (42), parentheses (41), chains of 3-5 terms (48),
+short word problems (60), products and quotients (23). It is read by the evaluation only: `instar eval RUN
+--data arithmetic`, the report card's "what generalises" rows, and the GRPO stage's external score.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from importlib import resources
+
+EVALSETS = {"arithmetic": "arithmetic.jsonl"}
+
+
+def path(name: str):
+    """The packaged file of an evalset, as a Traversable (`instar eval --data NAME` resolves it)."""
+    return resources.files("instar.evalsets").joinpath(EVALSETS[name])
+
+
+@lru_cache(maxsize=None)
+def _rows(name: str) -> tuple:
+    text = path(name).read_text(encoding="utf-8")
+    return tuple(json.loads(line) for line in text.splitlines() if line.strip())
+
+
+def arithmetic() -> list[dict]:
+    return [dict(r) for r in _rows("arithmetic")]
+
+
+def external_questions() -> set[str]:
+    return {r["question"] for r in _rows("arithmetic")}

@@ -1,0 +1,394 @@
+"""Arithmetic in many phrasings and forms, with worked steps: the procedural `arithmetic` and `story` families.
+
+    rng = random.Random(3)
+    q, tree = arithmetic_problem(rng, level=3)    # "Please work out 41 - (17 + 9).", ("-", 41, ("+", 17, 9, True), False)
+    value(tree), expression(tree)                 # Fraction(15), "41 - (17 + 9)"
+    worked_steps(tree)                            # ["17 + 9 = 26", "41 - 26 = 15"]
+    q, tree = story_problem(rng, level=2)         # a short word problem and the expression it asks for
+
+A problem is an expression tree — an int leaf, or (op, left, right, parenthesised) — drawn at a level, then
+said in one of many phrasings: as symbols ("What is 23 + 48 - 9?"), in words ("Take 9 away from 23."), as a
+chain of instructions ("Begin with 23. Add 48, then subtract 9."), or as a short story. Forms by level
+(the curriculum's dial, 1 = what a ~1M-param model learns first):
+
+    1  a + b or a - b, single digits, never below zero
+    2  two-digit operands (one or both); three single-digit terms; single-digit products
+    3  negative operands and results; parentheses; three-digit sums; two-digit x one-digit; exact quotients
+    4  chains of 3-5 terms of one or two digits (may go below zero); two bracketed groups; c x (a +- b)
+    5  any of the above with operands up to three digits
+
+The reply a model is taught (`worked_steps`) is one line per operation, innermost first, left to right —
+"23 + 48 = 71", "71 - 9 = 62" — then "Answer: 62": the seed's "defined series of steps". A sum or difference
+with a two- or three-digit operand is first done in columns, units first ("3 + 8 = 11", "2 + 4 + 1 = 7",
+then "23 + 48 = 71"; see `columns`), so every operation a model must learn is a single-digit fact. A negative right
+operand is written in brackets ("8 - (-5) = 13") so every step reads one way. The step lines restate the
+problem as arithmetic, so a model that learned to parse a phrasing and to add two numbers can answer
+phrasings it never saw; GRPO's reward checks only the final answer line.
+
+Phrasings are hand-written here and nowhere else; `instar/evalsets/arithmetic.jsonl` (the external yardstick)
+was written separately in other words, and `tests/test_arithmetic.py` checks that no template of this module
+can produce one of its questions. Deliberately simple: integers only (the other families in procedural.py
+cover decimals, fractions and percent), no number words, English only.
+"""
+
+from __future__ import annotations
+
+import random
+from fractions import Fraction as F
+from typing import Union
+
+from instar.generate.safe_eval import format_number
+
+Tree = Union[int, F, tuple]  # a number, or (op, left, right, parenthesised) with op in "+-*/"
+NAMES = ["Tom", "Ann", "Sam", "Mia", "Leo", "Zoe", "Ben", "Eva", "Max", "Ivy", "Raj", "Lin", "Ada", "Kai", "Uma",
+         "Joe", "Nia", "Eli", "Ruth", "Oscar"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Trees: value, text, steps
+
+def value(t: Tree) -> F:
+    return _steps(t)[1]
+
+
+def _operand(x: F, right: bool) -> str:
+    s = format_number(x)
+    return f"({s})" if right and x < 0 else s
+
+
+def expression(t: Tree, right: bool = False) -> str:
+    """Plain text the safe evaluator reads: '41 - (17 + 9)', '-4 + (-9)'."""
+    if not isinstance(t, tuple):
+        return _operand(F(t), right)
+    s = f"{expression(t[1])} {t[0]} {expression(t[2], True)}"
+    return f"({s})" if t[3] else s
+
+
+def worked_steps(t: Tree) -> list[str]:
+    """One 'x op y = z' line per operation, innermost and leftmost first."""
+    return _steps(t)[0]
+
+
+def _steps(t: Tree) -> tuple[list[str], F]:
+    if not isinstance(t, tuple):
+        return [], F(t)
+    (left, a), (right, b) = _steps(t[1]), _steps(t[2])
+    op = t[0]
+    z = a + b if op == "+" else a - b if op == "-" else a * b if op == "*" else a / b
+    line = f"{_operand(a, False)} {op} {_operand(b, True)} = {format_number(z)}"
+    return left + right + columns(a, op, b) + [line], z
+
+
+def columns(a: F, op: str, b: F) -> list[str]:
+    """Column steps for a sum or difference of whole numbers >= 0 with a two- or three-digit operand, units
+    first, each one single-digit fact (a carry is "+ 1"; a borrow shows as the top digit + 10):
+    48 + 37 -> ["8 + 7 = 15", "4 + 3 + 1 = 8"]; 52 - 37 -> ["12 - 7 = 5", "4 - 3 = 1"]; 37 - 52 -> the columns
+    of 52 - 37 (the line that follows gives the sign). [] for anything else (signs, fractions, one digit,
+    products), which keeps its one line. Why: with "48 + 37 = 85" alone a ~1M model must learn every sum of
+    two-digit numbers as its own fact; in columns it needs the 100 single-digit facts, and every column
+    drills them."""
+    if op not in "+-" or a.denominator != 1 or b.denominator != 1 or min(a, b) < 0 or max(a, b) < 10:
+        return []
+    x, y = int(a), int(b)
+    if op == "-" and x < y:
+        x, y = y, x
+    xs, ys = str(x)[::-1], str(y)[::-1]
+    lines, carry = [], 0
+    for i in range(max(len(xs), len(ys))):
+        dx, dy = int(xs[i]) if i < len(xs) else 0, int(ys[i]) if i < len(ys) else None
+        if dy is None and not carry:
+            continue  # a digit only the longer number has, nothing carried: it is copied
+        dy = dy or 0
+        if op == "+":
+            total = dx + dy + carry
+            lines.append(f"{dx} + {dy}{' + 1' if carry else ''} = {total}")
+            carry = total // 10
+        else:
+            top = dx - carry
+            carry = int(top < dy)
+            lines.append(f"{top + 10 * carry} - {dy} = {top + 10 * carry - dy}")
+    return lines
+
+
+def solution(t: Tree) -> str:
+    """The worked reply without its answer line; a bare number when there is nothing to work out."""
+    lines, z = _steps(t)
+    return "\n".join(lines) or format_number(z)
+
+
+def tree_of(expr: str) -> Tree:
+    """The tree of a plain + - * / expression with number literals (the `expr` the other procedural families
+    keep), so their worked solutions come out as steps too: '120 * 30 / 100' -> two steps."""
+    import ast
+
+    ops = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/"}
+
+    def walk(node: ast.AST, top: bool) -> Tree:
+        if isinstance(node, ast.BinOp) and type(node.op) in ops:
+            return (ops[type(node.op)], walk(node.left, False), walk(node.right, False), not top)
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+            return -walk(node.operand, top)
+        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)):
+            return F(str(node.value))
+        raise ValueError(f"not a plain arithmetic expression: {expr!r}")
+
+    return walk(ast.parse(expr, mode="eval").body, True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Drawing trees at a level
+
+def _num(rng: random.Random, digits: int, lo1: int = 0) -> int:
+    return rng.randint(lo1, 9) if digits == 1 else rng.randint(10 ** (digits - 1), 10 ** digits - 1)
+
+
+def _chain(nums: list[int], ops: list[str]) -> Tree:
+    t: Tree = nums[0]
+    for op, x in zip(ops, nums[1:]):
+        t = (op, t, x, False)
+    return t
+
+
+def _nonneg_chain(rng: random.Random, nums: list[int]) -> Tree:
+    """Left-to-right +/- chain whose running total never drops below zero."""
+    ops, total = [], nums[0]
+    for x in nums[1:]:
+        op = rng.choice("+-") if total >= x else "+"
+        total += x if op == "+" else -x
+        ops.append(op)
+    return _chain(nums, ops)
+
+
+def _signed(rng: random.Random, digits: int) -> int:
+    x = _num(rng, digits, 1)
+    return -x if rng.random() < 0.5 else x
+
+
+def draw_tree(rng: random.Random, level: int) -> Tree:
+    """An expression of the form the level calls for (see the module docstring)."""
+    if level <= 1:
+        return _nonneg_chain(rng, [_num(rng, 1), _num(rng, 1)])
+    if level == 2:
+        kind = rng.random()
+        if kind < 0.55:
+            d = rng.choice([(2, 2), (2, 1), (1, 2), (2, 2)])
+            return _nonneg_chain(rng, [_num(rng, d[0]), _num(rng, d[1], 1)])
+        if kind < 0.8:
+            return _nonneg_chain(rng, [_num(rng, 1, 1) for _ in range(3)])
+        return ("*", _num(rng, 1, 2), _num(rng, 1, 2), False)
+    if level == 3:
+        kind = rng.randrange(6)
+        d = rng.choice([1, 2])
+        if kind == 0:  # a negative operand or result
+            a, b = _signed(rng, d), _signed(rng, rng.choice([1, 2]))
+            return (rng.choice("+-"), a, b, False)
+        if kind == 1:  # a small number minus a bigger one
+            a = _num(rng, d, 1)
+            return ("-", a, a + _num(rng, rng.choice([1, 2]), 1), False)
+        if kind == 2:  # one bracketed pair
+            a, b, c = (_num(rng, d, 1) for _ in range(3))
+            inner = (rng.choice("+-"), b, c, True)
+            return (rng.choice("+-"), a, inner, False) if rng.random() < 0.5 else (rng.choice("+-"), inner, a, False)
+        if kind == 3:  # three-digit sums and differences
+            a, b = _num(rng, 3), _num(rng, rng.choice([2, 3]))
+            return ("+", a, b, False) if rng.random() < 0.5 else ("-", max(a, b), min(a, b), False)
+        if kind == 4:
+            return ("*", _num(rng, 2), _num(rng, 1, 2), False)
+        b, q = _num(rng, 1, 2), _num(rng, 1, 1)
+        return ("/", b * q, b, False)
+    if level == 4:
+        kind = rng.randrange(4)
+        if kind <= 1:
+            n = rng.randint(3, 5)
+            nums = [_num(rng, rng.choice([1, 2]), 1) for _ in range(n)]
+            return _chain(nums, [rng.choice("+-") for _ in nums[1:]])
+        if kind == 2:
+            a, b, c, e = (_num(rng, rng.choice([1, 2]), 1) for _ in range(4))
+            return (rng.choice("+-"), (rng.choice("+-"), a, b, True), (rng.choice("+-"), c, e, True), False)
+        inner = (rng.choice("+-"), _num(rng, 1, 1), _num(rng, 1, 1), True)
+        return ("*", _num(rng, 1, 2), inner, False) if rng.random() < 0.5 else ("*", inner, _num(rng, 1, 2), False)
+    # level 5: the level-3/4 forms with wider operands and signs
+    t = draw_tree(rng, rng.choice([3, 4]))
+    return _widen(rng, t)
+
+
+def _widen(rng: random.Random, t: Tree) -> Tree:
+    """Swap some leaves of +/- nodes for two- or three-digit numbers, some of them negative."""
+    if isinstance(t, int):
+        return t
+    op, a, b, p = t
+    if op not in "+-":
+        return t
+    if isinstance(a, int) and rng.random() < 0.6:
+        a = _num(rng, rng.choice([2, 3])) * (-1 if rng.random() < 0.15 else 1)
+    if isinstance(b, int) and rng.random() < 0.6:
+        b = _num(rng, rng.choice([2, 3]))
+    return (op, _widen(rng, a), _widen(rng, b), p)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Phrasings. {e}: the expression; {a}, {b}: operands of a binary problem. Written for this module only.
+
+SYMBOLIC = [
+    "What is {e}?", "What's {e}?", "How much is {e}?", "Please calculate {e}.", "Can you work out {e}?",
+    "Solve {e}.", "{e} equals what?", "Find {e}.", "Give the result of {e}.", "What do you get from {e}?",
+    "Determine the value of {e}.", "Tell me what {e} is.", "Quick question: what is {e}?",
+    "Do the arithmetic: {e}", "I need the result of {e}.", "Work this out: {e}", "{e} = ",
+    "What number is {e}?", "Help me compute {e}.", "Figure out {e}.", "Result of {e}?", "Find the result: {e}",
+    "Simplify the expression {e}.", "Could you calculate {e} for me?", "What does {e} come to?",
+]
+PLUS = [
+    "What is {a} plus {b}?", "Add {a} to {b}. What is the result?", "What is the sum of {a} and {b}?",
+    "Please add {a} and {b}.", "If you add {b} to {a}, what do you get?", "{a} plus {b} makes what?",
+    "What do you get when you add {a} and {b}?", "Sum {a} and {b}.", "What is {a} increased by {b}?",
+    "Put {a} and {b} together. How many is that?", "Find {a} and {b} added together.",
+    "What number is {a} more than {b}?", "How much is {a} and {b} altogether?", "Combine {a} and {b}. What total do you get?",
+    "Count on {b} from {a}. Where do you stop?", "What is {b} added to {a}?",
+]
+MINUS = [
+    "What is {a} minus {b}?", "Take {b} from {a}. What is left?", "What is {a} take away {b}?",
+    "Please subtract {b} from {a}.", "If you subtract {b} from {a}, what do you get?", "{a} minus {b} makes what?",
+    "What is the difference between {a} and {b}?", "What remains when {b} is taken from {a}?",
+    "What is {a} decreased by {b}?", "Remove {b} from {a}. How many are left?", "How much is {a} less {b}?",
+    "What number is {b} smaller than {a}?", "Count back {b} from {a}. Where do you stop?",
+    "Subtract {b} from {a} and give the result.", "Go down {b} from {a}. What number do you reach?",
+]
+TIMES = [
+    "What is {a} times {b}?", "What is {a} multiplied by {b}?", "Please multiply {a} and {b}.",
+    "What is the product of {a} and {b}?", "How much is {a} lots of {b}?", "{a} groups of {b} make how many?",
+]
+DIVIDE = [
+    "What is {a} divided by {b}?", "Please divide {a} by {b}.", "Share {a} equally into {b} parts. How big is each?",
+    "How many times does {b} go into {a}?", "What is {a} split into {b} equal parts?",
+]
+CHAIN_START = ["Begin with {a}.", "Start at {a}.", "Take the number {a}.", "Think of {a}.", "Your number is {a}."]
+CHAIN_STEP = {"+": ["add {x}", "plus {x}", "add on {x}", "increase it by {x}", "count up {x}"],
+              "-": ["subtract {x}", "minus {x}", "take away {x}", "decrease it by {x}", "count down {x}"]}
+CHAIN_END = ["What is the result?", "What number do you have now?", "Where do you finish?", "What do you get?",
+             "What is the final number?"]
+
+
+def _spoken(t: Tree) -> str:
+    """'12 plus 5 minus 3' for a +/- chain."""
+    if isinstance(t, int):
+        return str(t)
+    return f"{_spoken(t[1])} {'plus' if t[0] == '+' else 'minus'} {t[2]}"
+
+
+def _is_chain(t: Tree) -> bool:
+    """A left-to-right +/- chain of non-negative leaves, no brackets."""
+    if isinstance(t, int):
+        return t >= 0
+    return t[0] in "+-" and not t[3] and isinstance(t[2], int) and t[2] >= 0 and _is_chain(t[1])
+
+
+def _chain_terms(t: Tree) -> tuple[int, list[tuple[str, int]]]:
+    if isinstance(t, int):
+        return t, []
+    first, rest = _chain_terms(t[1])
+    return first, rest + [(t[0], t[2])]
+
+
+def phrase(rng: random.Random, t: Tree) -> str:
+    """One phrasing of `t`, drawn among those that fit its shape."""
+    e = expression(t)
+    choices = ["symbolic"] * 3
+    binary = not isinstance(t, int) and isinstance(t[1], int) and isinstance(t[2], int)
+    if binary and t[2] >= 0:
+        choices += ["binary"] * 4
+    if _is_chain(t) and not binary:
+        choices += ["spoken", "steps", "steps"]
+    kind = rng.choice(choices)
+    if kind == "binary":
+        pool = {"+": PLUS, "-": MINUS, "*": TIMES, "/": DIVIDE}[t[0]]
+        if value(t) < 0 or t[1] < 0:  # "how many are left" and "the difference" assume counts
+            pool = [p for p in pool if not any(w in p for w in ("left", "remain", "difference", "How many"))]
+        return rng.choice(pool).format(a=t[1], b=t[2])
+    if kind == "spoken":
+        return rng.choice(["What is {s}?", "Work out {s}.", "How much is {s}?", "{s} makes what?"]).format(s=_spoken(t))
+    if kind == "steps":
+        first, rest = _chain_terms(t)
+        said = [rng.choice(CHAIN_STEP[op]).format(x=x) for op, x in rest]
+        body = ", then ".join(said) if rng.random() < 0.5 else ". ".join(s[0].upper() + s[1:] for s in said)
+        body = body[0].upper() + body[1:]
+        return f"{rng.choice(CHAIN_START).format(a=first)} {body}. {rng.choice(CHAIN_END)}"
+    return rng.choice(SYMBOLIC).format(e=e)
+
+
+def arithmetic_problem(rng: random.Random, level: int) -> tuple[str, Tree]:
+    t = draw_tree(rng, level)
+    return phrase(rng, t), t
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Stories: (text with {n} the name, {a} {b} {c} numbers, shape). Shapes: "a+b", "a-b", "a+b-c", "a-b+c",
+# "a+b+c", "a-b-c"; numbers are drawn so every count stays whole and non-negative, except in SIGNED stories.
+
+STORIES = [
+    ("{n} has {a} crayons and finds {b} more. How many crayons does {n} have now?", "a+b"),
+    ("There are {a} ducks in a pond. {b} more ducks land. How many ducks are in the pond?", "a+b"),
+    ("{n} baked {a} cookies in the morning and {b} in the afternoon. How many cookies did {n} bake?", "a+b"),
+    ("A garden has {a} roses and {b} tulips. How many flowers are in the garden?", "a+b"),
+    ("{n} ran {a} laps yesterday and {b} laps today. How many laps is that in total?", "a+b"),
+    ("A train carries {a} people. {b} more get on at the station. How many people are on the train?", "a+b"),
+    ("{n} had {a} coins and was given {b} coins. How many coins does {n} have?", "a+b"),
+    ("A team won {a} games last year and {b} games this year. How many games did it win in both years?", "a+b"),
+    ("{n} has {a} balloons. {b} of them pop. How many balloons are left?", "a-b"),
+    ("A tree had {a} apples. {n} picked {b} of them. How many apples are still on the tree?", "a-b"),
+    ("There were {a} cupcakes on a plate and the children ate {b}. How many cupcakes are left?", "a-b"),
+    ("{n} had {a} dollars and spent {b} dollars on lunch. How many dollars does {n} have left?", "a-b"),
+    ("A parking lot had {a} cars. {b} cars drove away. How many cars are in the lot now?", "a-b"),
+    ("{n} needs {a} points to win and has {b} points. How many more points does {n} need?", "a-b"),
+    ("A book has {a} pages. {n} has read {b} pages. How many pages are left to read?", "a-b"),
+    ("{n} is {a} centimeters tall and {n}'s little brother is {b} centimeters shorter. How tall is the brother "
+     "in centimeters?", "a-b"),
+    ("{n} had {a} cards, got {b} more from a friend, then gave {c} away. How many cards does {n} have?", "a+b-c"),
+    ("A bakery made {a} rolls, sold {c} in the morning, then baked {b} more. How many rolls does it have?", "a-c+b"),
+    ("A school bus has {a} children. At one stop {b} children get on, and at the next {c} get off. How many "
+     "children are on the bus?", "a+b-c"),
+    ("{n} saved {a} dollars in May, {b} dollars in June and {c} dollars in July. How much did {n} save?", "a+b+c"),
+    ("A jar has {a} sweets. {n} eats {b} and a friend eats {c}. How many sweets are left?", "a-b-c"),
+    ("A shelf holds {a} plates. {c} plates break and {b} new plates are added. How many plates are on the shelf?",
+     "a-c+b"),
+    ("{n} collected {a} shells, then {b} more, then lost {c} on the way home. How many shells does {n} have?",
+     "a+b-c"),
+    ("A farm has {a} hens, {b} ducks and {c} geese. How many birds does it have?", "a+b+c"),
+]
+SIGNED = [  # stories whose answers can be negative
+    ("It is {a} degrees in the morning. By night the temperature falls {b} degrees. What is the temperature at "
+     "night?", "a-b"),
+    ("It is -{a} degrees outside. The temperature goes up by {b} degrees. What is the temperature now?", "-a+b"),
+    ("A diver is {a} meters below the surface, at -{a} meters. She swims down {b} more meters. What is her "
+     "position in meters?", "-a-b"),
+    ("{n} has {a} dollars in the bank and pays a bill of {b} dollars. What is the balance in dollars?", "a-b"),
+    ("A lift is on floor {a} and goes down {b} floors. Which floor is it on now? (Floors below ground are "
+     "negative.)", "a-b"),
+    ("In a game {n} has {a} points and loses {b} points. What is {n}'s score now?", "a-b"),
+]
+
+
+def _story_tree(shape: str, a: int, b: int, c: int) -> Tree:
+    terms = {"a": a, "b": b, "c": c, "-a": -a}
+    parts = shape.replace("-", " -").replace("+", " +").split()
+    t: Tree = terms[parts[0]]
+    for p in parts[1:]:
+        t = (p[0], t, terms[p[1:]], False)
+    return t
+
+
+def story_problem(rng: random.Random, level: int) -> tuple[str, Tree]:
+    """A short word problem: level 1 one step with single digits; 2 one step, two digits; 3 two steps;
+    4 signed stories (answers below zero); 5 two steps with up to three digits."""
+    digits = {1: [1], 2: [1, 2, 2], 3: [1, 2], 4: [1, 2], 5: [2, 3]}[min(level, 5)]
+    pool = SIGNED if level == 4 else [s for s in STORIES if (len(s[1]) == 3) == (level <= 2)]
+    text, shape = rng.choice(pool)
+    a, b, c = (_num(rng, rng.choice(digits), 1) for _ in range(3))
+    if pool is not SIGNED:  # keep every count whole and non-negative along the way
+        if shape == "a-b":
+            a, b = max(a, b), min(a, b)
+        elif shape in ("a+b-c", "a-c+b"):
+            c = rng.randint(1, a + b if shape == "a+b-c" else a)
+        elif shape == "a-b-c":
+            a = a + b + c
+    name = rng.choice(NAMES)
+    return text.format(n=name, a=a, b=b, c=c), _story_tree(shape, a, b, c)

@@ -1,0 +1,62 @@
+"""The math half of SFT: procedural problems stored as conversations that end in the reward's answer line.
+
+    records = math_sft_records(3000, seed=1, families=["arithmetic", "story"])   # messages records
+    math_conversations(store, 3000, seed=0, families=[...], instruction="", exclude=held_out_questions)
+
+Each conversation is one problem asked the way GRPO and `instar eval` ask it (`rewards.math_prompt`: the bare
+question, or the question + `instruction`) and answered with worked steps, one operation a line, then
+"Answer: N" (`arithmetic.worked_steps`, `rewards.math_messages`). Levels follow LEVEL_WEIGHTS, a curriculum in
+proportions: most problems are of the forms a small model can learn first (one- and two-digit sums and
+differences), fewer of the long chains and three-digit ones.
+
+Never stored for training: GRPO's held-out problems (`exclude`, so stage 4's before/after stays a held-out
+number) and any question of the external yardstick `instar/evalsets/arithmetic.jsonl` (whose templates
+differ anyway; checked here too, so a template added later cannot leak it). How many of these conversations
+SFT sees next to the chat conversations is the pipeline's mixing setting, not this module's.
+"""
+
+from __future__ import annotations
+
+from instar.generate.procedural import make_problems
+
+# Share of problems per level. Levels 1-2 carry the single-digit facts every other form (and every column) is
+# built from. Measured on the tiny preset, 900 SFT steps (README "Stage 4"): .2/.3/.25/.15/.1 without columns ->
+# level-1 pass@1 0.39, external 2.5%; these weights with columns -> level 1 0.52 by step 500, external 6.1% at 900.
+LEVEL_WEIGHTS = {1: 0.4, 2: 0.35, 3: 0.12, 4: 0.08, 5: 0.05}
+TEMPLATE = "math-sft-v2"  # provenance tag: v1 = one phrasing per family, answer without steps
+
+
+def math_sft_records(count: int, seed: int, families: list[str], instruction: str = "",
+                     exclude: set[str] = frozenset(), weights: dict[int, float] | None = None) -> list[dict]:
+    """Up to `count` distinct conversations (fewer when small levels run out of distinct problems)."""
+    from instar.evalsets import external_questions
+    from instar.train.rewards import math_messages
+
+    weights = weights or LEVEL_WEIGHTS
+    banned = set(exclude) | external_questions()
+    total = sum(weights.values())
+    records, seen = [], set()
+    for level, w in sorted(weights.items()):
+        n, kept = round(count * w / total), 0
+        # Each level draws from its own seed stream; twice the need covers duplicates at small levels.
+        for p in make_problems(2 * n, seed * 7919 + level, families, level):
+            if kept == n:
+                break
+            if p["question"] not in banned and p["question"] not in seen:
+                seen.add(p["question"])
+                records.append(math_messages(p, instruction))
+                kept += 1
+    return records
+
+
+def math_conversations(store, count: int, seed: int, families: list[str], instruction: str = "",
+                       exclude: set[str] = frozenset(), console=None) -> int:
+    """Store `count` math conversations (idempotent: the store dedupes); return how many of them it holds."""
+    from instar.datasets.store import Provenance
+
+    records = math_sft_records(count, seed + 1, families, instruction, exclude)
+    added = store.add("messages", records, Provenance(source="procedural", template=TEMPLATE, seed=seed))
+    if console is not None:
+        console.print(f"math conversations for SFT: {added.inserted} added, {added.duplicates} already stored "
+                      f"({len(exclude)} held-out problems excluded)")
+    return len(added.ids)

@@ -1,0 +1,254 @@
+"""Arithmetic in many phrasings, worked steps, the SFT math set, and the external yardstick kept apart from both."""
+
+import json
+import random
+import re
+
+import pytest
+
+from instar.datasets.store import validate_record
+from instar.evalsets import arithmetic as external, external_questions
+from instar.generate import arithmetic as ar
+from instar.generate.procedural import FAMILIES, MAX_DIFFICULTY, heldout_problems, make_problem
+from instar.generate.safe_eval import parse_number, safe_eval
+from instar.generate.sft_math import LEVEL_WEIGHTS, math_sft_records
+from instar.train.rewards import extract_answer
+
+_STEP = re.compile(r"^\(?-?[\d.]+\)?( [-+*/] \(?-?[\d.]+\)?)+ = -?[\d./]+$")
+
+
+def every_generated_question(per_level: int = 400) -> set[str]:
+    """A large sample of what the training generators can emit: every family, every level, several seeds."""
+    out = set()
+    for family in FAMILIES:
+        for level in range(1, MAX_DIFFICULTY + 1):
+            rng = random.Random(f"leak:{family}:{level}")
+            out.update(make_problem(family, rng, level).question for _ in range(per_level))
+    return out
+
+
+def template(question: str) -> str:
+    """A question with its numbers and names masked: the sentence pattern it was made from."""
+    names = "|".join(ar.NAMES + ["Priya", "Jonas", "Keiko", "Omar", "Lucia", "Dmitri", "Amara", "Felix", "Noor",
+                                 "Hugo", "Wren", "Tariq"])
+    masked = re.sub(r"-?\d+", "N", question)
+    return re.sub(rf"\b({names})\b", "P", masked)
+
+
+# --- the external yardstick ---------------------------------------------------------------------------------
+def test_external_set_is_valid_and_every_answer_recomputes():
+    rows = external()
+    assert 250 <= len(rows) <= 300 and len({r["question"] for r in rows}) == len(rows)
+    forms = {r["family"] for r in rows}
+    assert forms == {"two_digit", "three_digit", "negatives", "parentheses", "chains", "word", "products"}
+    for r in rows:
+        validate_record("math", r)
+        assert safe_eval(r["solution"]) == parse_number(r["answer"]), r  # the kept expression gives the answer
+    assert any(parse_number(r["answer"]) < 0 for r in rows) and any("(" in r["question"] for r in rows)
+
+
+def test_no_training_generator_emits_an_external_question_or_its_template():
+    generated = every_generated_question()
+    rows = external()
+    assert not generated & {r["question"] for r in rows}
+    shared = {template(q) for q in generated} & {template(r["question"]) for r in rows}
+    assert not shared, sorted(shared)[:5]
+    # And the SFT set refuses them outright, even if a template were added that could produce one.
+    assert not {m["messages"][0]["content"] for m in math_sft_records(400, 0, ["arithmetic", "story"])} & \
+        external_questions()
+
+
+# --- the procedural forms ------------------------------------------------------------------------------------
+def check_steps(solution: str, answer: str):
+    """Every worked line is a true equation of numbers (an operation, or a column with its carry), and the last
+    result is the answer."""
+    lines = solution.splitlines()
+    for line in lines:
+        assert _STEP.match(line), line
+        lhs, rhs = line.rsplit(" = ", 1)
+        assert safe_eval(lhs) == parse_number(rhs), line
+    assert parse_number(lines[-1].rsplit(" = ", 1)[-1]) == parse_number(answer)
+
+
+@pytest.mark.parametrize("family", ["arithmetic", "story"])
+def test_worked_steps_are_true_and_end_at_the_answer(family):
+    for level in range(1, MAX_DIFFICULTY + 1):
+        rng = random.Random(f"steps:{family}:{level}")
+        for _ in range(60):
+            p = make_problem(family, rng, level)
+            check_steps(p.solution, p.record()["answer"])
+
+
+def test_sums_and_differences_of_bigger_numbers_go_column_by_column():
+    from fractions import Fraction as F
+
+    assert ar.columns(F(48), "+", F(37)) == ["8 + 7 = 15", "4 + 3 + 1 = 8"]
+    assert ar.columns(F(52), "-", F(37)) == ["12 - 7 = 5", "4 - 3 = 1"]
+    assert ar.columns(F(37), "-", F(52)) == ar.columns(F(52), "-", F(37))  # the final line gives the sign
+    assert ar.columns(F(205), "+", F(43)) == ["5 + 3 = 8", "0 + 4 = 4"]    # the lone 2 is copied
+    assert ar.columns(F(7), "+", F(5)) == [] and ar.columns(F(-15), "+", F(27)) == []
+    assert ar.solution(("-", ("+", 48, 37, False), 9, False)).splitlines() == [
+        "8 + 7 = 15", "4 + 3 + 1 = 8", "48 + 37 = 85", "15 - 9 = 6", "7 - 0 = 7", "85 - 9 = 76"]
+
+
+def test_other_families_show_their_steps_too():
+    p = make_problem("percent", random.Random(1), 4)  # "A shirt costs $50 ... 50% off": three operations
+    assert [line for line in p.solution.splitlines() if line.count(" ") == 4] == [
+        "50 * 50 = 2500", "2500 / 100 = 25", "10 - 5 = 5", "4 - 2 = 2", "50 - 25 = 25"]
+    check_steps(p.solution, p.record()["answer"])
+
+
+def test_levels_cover_the_forms():
+    def sample(level, n=300):
+        rng = random.Random(f"forms:{level}")
+        return [ar.draw_tree(rng, level) for _ in range(n)]
+
+    def leaves(t):
+        return [t] if not isinstance(t, tuple) else leaves(t[1]) + leaves(t[2])
+
+    one = sample(1)
+    assert all(0 <= x <= 9 for t in one for x in leaves(t)) and all(ar.value(t) >= 0 for t in one)
+    two = sample(2)
+    assert any(x >= 10 for t in two for x in leaves(t)) and all(ar.value(t) >= 0 for t in two)
+    three = [ar.expression(t) for t in sample(3)]
+    assert any("(" in e for e in three) and any(e.startswith("-") or "(-" in e for e in three)
+    assert any(re.search(r"\d{3}", e) for e in three) and any("*" in e for e in three) and any("/" in e for e in three)
+    four = sample(4)
+    assert {len(leaves(t)) for t in four} >= {3, 4, 5}
+
+
+def test_phrasings_are_many_and_keep_the_numbers():
+    rng = random.Random(0)
+    questions = {}
+    for _ in range(2000):
+        q, t = ar.arithmetic_problem(rng, 2)
+        questions[template(q)] = (q, t)
+    assert len(questions) >= 40  # dozens of sentence patterns at one level
+    for q, t in questions.values():  # every operand of the expression is said in the question
+        numbers = [int(x) for x in re.findall(r"\d+", q)]
+        assert sorted(numbers) == sorted(abs(int(x)) for x in re.findall(r"\d+", ar.expression(t))), q
+
+
+def test_negative_results_never_get_counting_phrasings():
+    rng = random.Random(5)
+    for _ in range(500):
+        q, t = ar.arithmetic_problem(rng, 3)
+        if ar.value(t) < 0:
+            assert "left" not in q and "difference" not in q, q
+
+
+# --- the SFT math set ----------------------------------------------------------------------------------------
+def test_sft_math_set_mixes_levels_excludes_held_out_and_ends_in_the_answer_line():
+    held = {r["question"] for r in heldout_problems(200, ["arithmetic", "story"], 1)}
+    records = math_sft_records(1000, 0, ["arithmetic", "story"], "", exclude=held)
+    assert 900 <= len(records) <= 1000  # level 1 runs short of distinct problems, the rest fill up
+    asked = [r["messages"][0]["content"] for r in records]
+    assert len(set(asked)) == len(asked) and not set(asked) & held
+    for r in records[:200]:
+        reply = r["messages"][1]["content"]
+        assert extract_answer(reply) is not None and reply.splitlines()[0] != reply.splitlines()[-1]
+    assert abs(sum(LEVEL_WEIGHTS.values()) - 1) < 1e-9
+    with_instruction = math_sft_records(5, 0, ["arithmetic"], "Show steps.")
+    assert all(r["messages"][0]["content"].endswith(" Show steps.") for r in with_instruction)
+
+
+# --- the prompt form travels with the run --------------------------------------------------------------------
+def test_eval_asks_a_run_the_way_it_was_trained(tmp_path):
+    from instar.train.evaluate import math_prompt_form
+    from instar.train.rewards import INSTRUCTION, save_prompt_form
+
+    def run(name, config):
+        d = tmp_path / "pipe" / name
+        d.mkdir(parents=True)
+        (d / "summary.json").write_text(json.dumps({"config": config}))
+        return d
+
+    pre = run("pretrain", {"model": "scratch"})
+    sft = run("sft", {"model": str(pre)})
+    grpo = run("grpo", {"model": str(sft), "instruction": "Think, then answer."})
+    assert math_prompt_form(grpo) == "Think, then answer."      # its own config
+    assert math_prompt_form(sft) == INSTRUCTION                  # nothing kept: the default
+    save_prompt_form(tmp_path / "pipe", "")
+    assert math_prompt_form(sft) == ""                           # the pipeline's record, beside the stage runs
+    assert math_prompt_form(tmp_path / "elsewhere") == INSTRUCTION
+
+
+def test_tokenizer_splits_numbers_into_digits():
+    from instar.train.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(["I have 1234 apples and 56 pears. 1234 1234 1234 56 56 56."] * 40, vocab_size=300)
+    pieces = [p.replace("Ġ", "") for p in tok.tokenize("Add 1234 and 56.")]
+    assert [p for p in pieces if p.isdigit()] == ["1", "2", "3", "4", "5", "6"]
+    assert tok.decode(tok("23 + 48 = 71")["input_ids"]) == "23 + 48 = 71"
+
+
+# --- the teacher rewords, instar keeps the numbers ---------------------------------------------------------------
+def test_rephrase_keeps_numbers_and_answer_and_rejects_changed_numbers(store):
+    from instar.generate.backends import FakeBackend
+    from instar.generate.pipeline import GenerateConfig, generate
+    from instar.generate.rephrase import numbers
+
+    def reword(messages):  # a scripted teacher: good rewrites, except it garbles every third item's numbers
+        question = messages[-1]["content"].split("Question: ", 1)[1].split("\n")[0]
+        calls.append(question)
+        if len(calls) % 3 == 0:
+            question = re.sub(r"\d+", lambda m: str(int(m.group()) + 1), question, count=1)
+        return json.dumps({"question": "Here is a puzzle for you: " + question})
+
+    calls = []
+    result = generate(store, GenerateConfig(kind="math", count=6, source="rephrase"), FakeBackend(reword))
+    assert result.accepted == 6 and result.reasons.get("rephrase: numbers changed", 0) >= 2
+    for r in store.records("math"):
+        assert r["question"].startswith("Here is a puzzle for you: ")
+        original = r["question"].removeprefix("Here is a puzzle for you: ")
+        assert original in calls and r["verified_by"] == "procedural"
+        check_steps(r["solution"], r["answer"])  # answer and steps are instar's, for the original numbers
+    assert numbers("It is -4 degrees, then 1,200 and 3.5.") == [-4, 1200, 3.5]
+
+
+def test_grpo_mixed_batches_span_levels_and_never_hold_out_problems():
+    from instar.train.grpo import Config, Problems
+
+    cfg = Config(families=["arithmetic", "story"], batch_size=16, mixed_levels=0.5, eval_problems=200)
+    problems = Problems(cfg, store=None)
+    held = {r["question"] for r in problems.heldout}
+    levels = []
+    for step in range(20):
+        batch = problems.batch(step, 2)
+        assert len(batch) == 16 and not held & {r["question"] for r in batch}
+        assert batch == problems.batch(step, 2)  # a pure function of the step: exact resume
+        assert {r["difficulty"] for r in batch[:8]} == {2}
+        levels += [r["difficulty"] for r in batch[8:]]
+    assert set(levels) == {1, 2, 3, 4, 5}
+
+
+def test_the_packaged_yardstick_reads_as_math_records():
+    from instar import evalsets
+    from instar.datasets.jsonl import read_records
+
+    kind, records = read_records(str(evalsets.path("arithmetic")))
+    assert kind == "math" and len(records) == len(external())
+
+
+def test_report_card_shows_the_external_rows_and_the_teacher_reference(store, tmp_path):
+    import io
+
+    from rich.console import Console
+
+    from instar.datasets import runs
+    from instar.report_card import report
+
+    pid = runs.start_run(store, kind="pipeline", stage="pipeline", config={}, out_dir=str(tmp_path))
+    rid = runs.start_run(store, kind="train", stage="grpo", config={}, out_dir=str(tmp_path / "grpo"), parent_id=pid)
+    start, end = {"accuracy": 0.05, "ext_math_acc": 0.0612, "ext_math_format": 0.99}, {"accuracy": 0.11,
+                                                                                       "ext_math_acc": 0.0791,
+                                                                                       "ext_math_format": 1.0}
+    runs.finish_run(store, rid, summary={"stage": "grpo", "run_id": rid, "config": {}, "data": {}, "start": start,
+                                         "end": end})
+    runs.finish_run(store, pid, summary={"stages": ["grpo"]})
+    con = Console(file=io.StringIO(), width=220, color_system=None)
+    report(store, pid, con, html_out=tmp_path / "card.html")
+    text = con.file.getvalue()
+    assert "external arithmetic: accuracy" in text and "0.0612" in text and "0.0791" in text
+    assert "reference, external arithmetic: the embedded teacher" in text
+    assert "reference, external arithmetic" in (tmp_path / "card.html").read_text()
