@@ -263,7 +263,7 @@ def grpo_base(text_store, tmp_path_factory):
 def test_grpo_resumes_exactly_after_every_kind_of_ending(text_store, grpo_base, tmp_path, monkeypatch):
     store, base = text_store, grpo_base
     whole = run_grpo(store, base, tmp_path / "whole")
-    assert runs.metric_series(store, whole["run_id"], "skipped_groups")[0][1] < 1.0  # the planted reward has signal
+    assert min(v for _, v in runs.metric_series(store, whole["run_id"], "skipped_groups")) < 1.0  # the planted reward has signal
     script = [("grpo.generate", 2, "sigint"),    # step 2's rollout: checkpoint of step 1
               ("update", 1, "sigint"),           # step 2's first epoch: the step finishes, checkpoint 2
               ("eval", 1, "raise"),              # its eval, redone on resume
