@@ -272,7 +272,7 @@ def run(cfg: Config, store) -> dict:
         return {**done, "already_done": True}
     problems = Problems(cfg, store)
     s = open_session("grpo", cfg, store)
-    model, tok = load_model(cfg.model)
+    model, tok = load_model(cfg.model, purpose="lora" if cfg.lora else "full")
     ref = None
     if cfg.lora:
         model = wrap_lora(model, cfg)

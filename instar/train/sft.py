@@ -59,7 +59,7 @@ def run(cfg: Config, store) -> dict:
     store.require("messages", "train", 1)
     store.require("messages", "val", 1)
     s = open_session("sft", cfg, store)
-    model, tok = load_model(cfg.model)
+    model, tok = load_model(cfg.model, purpose="lora" if cfg.lora else "full")
     train_ex = examples(store, tok, "train", cfg.max_len)
     val_ex = examples(store, tok, "val", cfg.max_len)
     if cfg.lora:
