@@ -21,7 +21,7 @@ from train_fixtures import FAST, fill_store, tiny_tokenizer, unchanged_params
 def save_tiny(path, arch: str, tok=None, template: bool = True):
     """A random-init causal LM of `arch` + stage 0's tokenizer (or `tok`) saved as an HF directory."""
     import torch
-    from transformers import AutoModelForCausalLM, GPT2Config, Qwen3Config
+    from transformers import AutoModelForCausalLM, GPT2Config, Qwen2Config, Qwen3Config
 
     tok = tok or tiny_tokenizer()
     if not template:
@@ -29,6 +29,9 @@ def save_tiny(path, arch: str, tok=None, template: bool = True):
     configs = {"qwen3": lambda: Qwen3Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                             head_dim=16, max_position_embeddings=256, tie_word_embeddings=True),
+               "qwen2": lambda: Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                            max_position_embeddings=256, tie_word_embeddings=True),
                "gpt2": lambda: GPT2Config(vocab_size=len(tok), n_embd=64, n_layer=2, n_head=4, n_positions=256)}
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(configs[arch]())
