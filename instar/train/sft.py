@@ -24,7 +24,7 @@ from instar.train.config import TrainConfig
 from instar.train.evaluate import render_examples, score_conversations
 from instar.train.loop import open_session, train
 from instar.train.models import load_model, wrap_lora
-from instar.train.tokens import collate, lm_loss, Sampler
+from instar.train.tokens import collate, lm_loss, Sampler, scored_positions
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -48,8 +48,10 @@ def examples(store, tok, split: str, max_len: int) -> list[tuple[list[int], list
 # --- loss ------------------------------------------------------------------------------------------------
 def loss_fn(model, batch):
     # labels = ids on assistant tokens, -100 elsewhere (from render_chat's mask); mean over assistant tokens.
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return lm_loss(logits, batch["labels"])[0]
+    # The LM head runs only where some row has a label (SmolLM2: 49k-vocab head and log-softmax on ~40% of rows).
+    keep = scored_positions(batch["labels"])
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep).logits
+    return lm_loss(logits, batch["labels"], keep)[0]
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -1,0 +1,42 @@
+"""The fast paths compute the same numbers as the plain ones (fp32, tiny models built here).
+
+- SFT's LM head on scored positions only (`tokens.scored_positions` + `logits_to_keep`): the same log-probs,
+  loss and gradients as the head over every position, to 1e-6; rows whose labels start at different
+  positions (the union of positions is what is kept) and a position no row scores are both covered.
+"""
+
+import torch
+
+from instar.train.tokens import lm_loss, scored_positions, token_logprobs
+from train_fixtures import tiny_model, tiny_tokenizer
+
+
+def test_scored_positions_is_the_union_of_label_positions_minus_one():
+    labels = torch.tensor([[-100, -100, 5, 6, -100, -100],
+                           [-100, -100, -100, -100, 7, -100]])
+    assert scored_positions(labels).tolist() == [1, 2, 3]   # logits at t predict labels at t + 1
+
+
+def test_head_on_scored_positions_equals_the_full_head():
+    tok = tiny_tokenizer()
+    model = tiny_model(tok)
+    torch.manual_seed(1)
+    ids = torch.randint(4, len(tok), (3, 12))
+    labels = torch.full_like(ids, -100)
+    labels[0, 3:7] = ids[0, 3:7]      # different spans per row; position 8 is scored by no row
+    labels[1, 5:9] = ids[1, 5:9]
+    labels[2, 10:] = ids[2, 10:]
+    full = model(input_ids=ids).logits
+    keep = scored_positions(labels)
+    part = model(input_ids=ids, logits_to_keep=keep).logits
+    assert part.shape[1] == len(keep) < ids.shape[1] - 1
+    assert torch.allclose(token_logprobs(full, labels, 0.7), token_logprobs(part, labels, 0.7, keep), atol=1e-6)
+    grads = []
+    for logits, pos in ((model(input_ids=ids).logits, None), (model(input_ids=ids, logits_to_keep=keep).logits, keep)):
+        loss, n = lm_loss(logits, labels, pos)
+        model.zero_grad()
+        loss.backward()
+        grads.append((float(loss), n, [p.grad.clone() for p in model.parameters()]))
+    (l1, n1, g1), (l2, n2, g2) = grads
+    assert n1 == n2 == 4 + 4 + 2 and abs(l1 - l2) < 1e-6
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(g1, g2))
