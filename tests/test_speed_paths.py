@@ -3,6 +3,7 @@
 - SFT's LM head on scored positions only (`tokens.scored_positions` + `logits_to_keep`): the same log-probs,
   loss and gradients as the head over every position, to 1e-6; rows whose labels start at different
   positions (the union of positions is what is kept) and a position no row scores are both covered.
+- Rollouts prefill each distinct prompt once (`sampling._prefill`): HF `generate`'s tokens, greedy and sampled.
 """
 
 import torch
@@ -40,3 +41,33 @@ def test_head_on_scored_positions_equals_the_full_head():
     (l1, n1, g1), (l2, n2, g2) = grads
     assert n1 == n2 == 4 + 4 + 2 and abs(l1 - l2) < 1e-6
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(g1, g2))
+
+
+def test_repeated_prompts_are_prefilled_once_and_sample_hf_generates_tokens():
+    """GRPO's rollout shape: each prompt G times. The shared prefill runs 2 prompt rows instead of 6 and
+    still gives HF `generate`'s tokens (which prefills all 6), greedy and seeded sampling alike."""
+    from unittest import mock
+
+    from instar.train.sampling import generate
+    from instar.train.tokens import render_chat, stop_ids
+
+    tok = tiny_tokenizer()
+    model = tiny_model(tok).eval()
+    qs = ["What is 2 plus 3?", "the cat sees a red ball"]
+    prompts = [render_chat(tok, [{"role": "user", "content": q}], add_generation_prompt=True)[0] for q in qs]
+    prompts = [p for p in prompts for _ in range(3)]
+    P, pad = max(len(p) for p in prompts), tok.pad_token_id
+    ids = torch.tensor([[pad] * (P - len(p)) + p for p in prompts])
+    att = (torch.arange(P)[None] >= torch.tensor([P - len(p) for p in prompts])[:, None]).long()
+    for temperature in (0.0, 1.0):
+        rows = []
+        forward = model.forward
+        with mock.patch.object(model, "forward", lambda **kw: rows.append(len(kw["input_ids"])) or forward(**kw)):
+            ours = generate(model, tok, prompts, max_new_tokens=12, temperature=temperature, seed=5)
+        assert rows[0] == 2                                  # the prefill: one row per distinct prompt
+        kwargs = dict(do_sample=True, temperature=1.0, top_k=None, top_p=1.0) if temperature else dict(do_sample=False)
+        with torch.random.fork_rng():
+            torch.manual_seed(5)
+            hf = model.generate(input_ids=ids, attention_mask=att, max_new_tokens=12, eos_token_id=stop_ids(tok),
+                                pad_token_id=pad, **kwargs)[:, P:]
+        assert torch.equal(ours.completion_ids, torch.where(ours.completion_mask.bool(), hf, pad))
