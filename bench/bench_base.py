@@ -4,6 +4,8 @@
     .venv/bin/python bench/bench_base.py sft --lora                            # both with the same LoRA
     .venv/bin/python bench/bench_base.py grpo --model runs/smollm2/sft         # instar vs TRL GRPOTrainer
     .venv/bin/python bench/bench_base.py grpo --model runs/smollm2/sft --old /tmp/main-src   # + instar at another commit
+    .venv/bin/python bench/bench_base.py sft --preset small                    # a random-init preset instead
+    .venv/bin/python bench/bench_base.py pretrain --preset medium              # instar alone, MFU only
 
 Per-step cost in CPU seconds. Each trainer runs in a child process twice, for `--short` and `--long` optimizer
 steps, and (CPU(long) - CPU(short)) / (long - short) is its cost per step: loading the model (SmolLM2's GGUF
@@ -11,9 +13,11 @@ dequantises for ~17 s), tokenising, the start/end evaluations and TRL's set-up a
 of the child) is the work a step costs; on a machine shared with other people's jobs wall time also counts the
 waiting, and swung 2-5x between identical runs here, so wall seconds are printed beside it but the ratios are
 taken on CPU time. The ceiling: the median GFLOP per CPU-second of 1024x1024 matrix products in fp32 and bf16,
-measured in a child with the same threads. MFU (SFT) = 6 x (non-embedding params + vocab x width) x real tokens
-per step / (CPU s per step x the ceiling of the precision trained in) — model FLOPs, so the LM head counts in
-full even though instar runs it only where a label is scored.
+measured in a child with the same threads. MFU (SFT, pretraining) = model FLOPs per step / (CPU s per step x the
+ceiling of the precision trained in), with model FLOPs = 6 x (non-embedding params + vocab x width) x real tokens
++ 12 x layers x width x tokens x sequence length (attention; nanoGPT's estimate) — the LM head counts in full even
+though instar's SFT runs it only where a label is scored. Pretraining: packed rows of 256 tokens, batch 8, on a
+synthetic corpus of pseudo-words (bench_train.documents).
 Same settings on both sides: the same weights and tokenizer (instar's `load_model`), the same conversations
 (procedural math with worked steps; prompt-completion form for TRL so both train on the answer only) or
 problems and reward (`instar.train.rewards.score`), batch, lengths, lr, fused AdamW, precision (bf16 autocast
@@ -64,7 +68,10 @@ def worker(a) -> None:
     bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())  # what instar's dtype = "auto" picks on a CPU
     common = ["eval_every=0", "save_every=0", "log_every=1", "eval_batches=1", "sample_tokens=4",
               f"max_steps={a.steps}", f"lora={'true' if a.lora else 'false'}"]
-    if a.side == "instar" and a.stage == "sft":
+    if a.stage == "pretrain":
+        run_stage("pretrain", None, common + [f"preset={a.preset}", f"out={a.out}", "batch_size=8", "max_len=256"],
+                  Store.open(a.db))
+    elif a.side == "instar" and a.stage == "sft":
         run_stage("sft", None, common + [f"model={a.model}", f"out={a.out}"] + [f"{k}={v}" for k, v in SFT.items()],
                   Store.open(a.db))
     elif a.side == "instar":
@@ -149,27 +156,50 @@ def per_step(a, side: str, root: Path, src: str | None = None) -> tuple[float, f
     runs = []
     for steps in (a.short, a.long):
         out = root / f"{side}-{steps}-{time.monotonic_ns()}"
-        runs.append(child([a.stage, "--worker", side, "--steps", str(steps), "--model", a.model,
+        runs.append(child([a.stage, "--worker", side, "--steps", str(steps), "--model", a.model, "--preset", str(a.preset),
                            "--db", str(root / "bench.db"), "--out", str(out), "--cfg", json.dumps({"n": a.n})]
                           + (["--lora"] if a.lora else []), src)[:2])
     span = a.long - a.short
+    a.last_out = str(out)  # the long run's directory (its summary has the real vocabulary size)
     return (runs[1][0] - runs[0][0]) / span, (runs[1][1] - runs[0][1]) / span
 
 
-def sft_flops_per_step(a) -> float:
-    """6 x (non-embedding params + vocab x width) x real tokens of an average batch (SFT's MFU numerator)."""
-    from instar.train.models import load_model, non_embedding_params
+def flops_per_step(a) -> float:
+    """Model FLOPs of an average step: 6 x (non-embedding params + vocab x width) x real tokens + attention."""
+    from instar.train.models import PRESETS, load_model, non_embedding_params
     from instar.train.tokens import render_chat
 
+    if a.stage == "pretrain":
+        data = json.loads((Path(a.last_out) / "summary.json").read_text())["data"]
+        p = PRESETS[a.preset]
+        d, layers = p["hidden_size"], p["num_hidden_layers"]
+        params = data["non_embedding_params"] + data["vocab_size"] * d
+        return (6 * params + 12 * layers * d * 256) * 8 * 256
     model, tok = load_model(a.model)
     lengths = [min(len(render_chat(tok, c["messages"])[0]), SFT["max_len"]) for c in conversations(200)]
     params = non_embedding_params(model) + model.config.vocab_size * model.config.hidden_size
-    return 6 * params * statistics.mean(lengths) * SFT["batch_size"]
+    L, d = model.config.num_hidden_layers, model.config.hidden_size
+    return sum(6 * params * n + 12 * L * d * n * n for n in lengths) / len(lengths) * SFT["batch_size"]
+
+
+def preset_base(root: Path, preset: str) -> Path:
+    """A random-init preset model + a tokenizer trained on the conversations (bench_train.sft_base's recipe)."""
+    import torch
+
+    from instar.train.models import PRESETS, new_model, save_model
+    from instar.train.tokenizer import train_tokenizer
+
+    texts = [m["content"] for c in conversations(2000) for m in c["messages"]]
+    tok = train_tokenizer(texts, PRESETS[preset]["vocab"])
+    torch.manual_seed(0)
+    return save_model(new_model(preset, tok, 512), tok, root / f"base-{preset}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("stage", nargs="?", choices=["sft", "grpo"], default="sft")
+    ap.add_argument("stage", nargs="?", choices=["sft", "grpo", "pretrain"], default="sft")
+    ap.add_argument("--preset", help="pretrain: the preset (default medium); sft: a random-init preset instead of "
+                    "--model.")
     ap.add_argument("--model", default=BASE, help="Start from (GRPO: an SFT run directory that earns reward).")
     ap.add_argument("--lora", action="store_true", help="LoRA r 16 on every projection, both trainers.")
     ap.add_argument("--short", type=int, default=2)
@@ -189,12 +219,21 @@ def main() -> None:
     from instar.datasets.store import Provenance, Store
 
     root = Path(tempfile.mkdtemp(prefix="bench_base_"))
-    Store.open(root / "bench.db").add("messages", conversations(a.n), Provenance(source="bench"))
+    store = Store.open(root / "bench.db")
+    store.add("messages", conversations(a.n), Provenance(source="bench"))
+    if a.stage == "pretrain":
+        from bench_train import documents  # the same pseudo-word corpus as bench_train.py
+
+        store.add("text", [{"text": t} for t in documents(600)], Provenance(source="bench"))
+        a.preset = a.preset or "medium"
+    if a.stage == "sft" and a.preset:
+        a.model = str(preset_base(root, a.preset))
     ceiling = json.loads(child(["--ceiling"])[2])
     precision = "bf16" if ceiling["bf16_supported"] else "fp32"
     print(f"ceiling: fp32 {ceiling['fp32']:.1f}, bf16 {ceiling['bf16']:.1f} GFLOP per CPU-second; training in "
           f"{precision}; load {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs", flush=True)
-    sides = [("instar", None), ("trl", None)] + ([("instar@old", a.old)] if a.old else [])
+    sides = [("instar", None)] + ([("trl", None)] if a.stage != "pretrain" else []) + \
+        ([("instar@old", a.old)] if a.old else [])
     results: dict[str, list[tuple[float, float]]] = {s: [] for s, _ in sides}
     for rep in range(a.repeats):
         for side, src in sides:
@@ -202,13 +241,14 @@ def main() -> None:
             print(f"  {side} #{rep + 1}: {results[side][-1][0]:.2f} CPU s/step, {results[side][-1][1]:.1f} wall s/step"
                   f" (load {os.getloadavg()[0]:.1f})", flush=True)
     cpu = {s: statistics.median(c for c, _ in r) for s, r in results.items()}
-    flops = sft_flops_per_step(a) if a.stage == "sft" else None
-    print(f"\n| {a.stage}{' LoRA' if a.lora else ''} on {a.model} | CPU s/step | wall s/step | "
+    flops = flops_per_step(a) if a.stage != "grpo" else None
+    what = a.preset if a.stage == "pretrain" else a.model
+    print(f"\n| {a.stage}{' LoRA' if a.lora else ''} on {what} | CPU s/step | wall s/step | "
           f"{'MFU | ' if flops else ''}TRL / this |\n|---|---|---|{'---|' if flops else ''}---|")
     for side, r in results.items():
         mfu = f"{flops / cpu[side] / 1e9 / ceiling[precision]:.0%} | " if flops else ""
-        print(f"| {side} | {cpu[side]:.2f} | {statistics.median(w for _, w in r):.1f} | {mfu}"
-              f"{cpu['trl'] / cpu[side]:.2f}x |")
+        vs = f"{cpu['trl'] / cpu[side]:.2f}x" if "trl" in cpu else "-"
+        print(f"| {side} | {cpu[side]:.2f} | {statistics.median(w for _, w in r):.1f} | {mfu}{vs} |")
     print(f"\n(run folder: {root})")
 
 

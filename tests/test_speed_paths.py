@@ -71,3 +71,32 @@ def test_repeated_prompts_are_prefilled_once_and_sample_hf_generates_tokens():
             hf = model.generate(input_ids=ids, attention_mask=att, max_new_tokens=12, eos_token_id=stop_ids(tok),
                                 pad_token_id=pad, **kwargs)[:, P:]
         assert torch.equal(ours.completion_ids, torch.where(ours.completion_mask.bool(), hf, pad))
+
+
+def test_grpo_logprobs_skip_columns_after_every_rows_stop():
+    """Completion columns past the longest completion are padding: log-probs are the same without them."""
+    from instar.train.grpo import completion_logprobs
+
+    tok = tiny_tokenizer()
+    model = tiny_model(tok).eval()
+    torch.manual_seed(2)
+    B, P, C = 4, 5, 9
+    seqs = {"prompt_ids": torch.randint(4, len(tok), (B, P)), "prompt_mask": torch.ones(B, P, dtype=torch.long),
+            "completion_ids": torch.randint(4, len(tok), (B, C)), "completion_mask": torch.zeros(B, C, dtype=torch.long)}
+    seqs["prompt_mask"][0, :2] = 0                                  # left padding in one prompt
+    for b, n in enumerate((3, 6, 2, 6)):                            # longest completion: 6 of 9 columns
+        seqs["completion_mask"][b, :n] = 1
+    ids = torch.cat([seqs["prompt_ids"], seqs["completion_ids"]], 1)
+    att = torch.cat([seqs["prompt_mask"], seqs["completion_mask"]], 1)
+    labels = ids.masked_fill(att == 0, -100)
+    from unittest import mock
+
+    widths, forward = [], model.forward
+    with torch.no_grad():
+        full = token_logprobs(model(input_ids=ids, attention_mask=att,
+                                    position_ids=(att.cumsum(1) - 1).clamp(min=0)).logits, labels)[:, -C:]
+        with mock.patch.object(model, "forward", lambda **kw: widths.append(kw["attention_mask"].shape[1]) or forward(**kw)):
+            got = completion_logprobs(model, seqs, 1.0)
+    assert widths == [P + 6]                                        # the 3 all-pad columns were not run
+    assert got.shape == (B, C) and torch.allclose(got, full, atol=1e-6)
+    assert not got[:, 6:].any()
