@@ -20,7 +20,8 @@ though instar's SFT runs it only where a label is scored. Pretraining: packed ro
 synthetic corpus of pseudo-words (bench_train.documents).
 Same settings on both sides: the same weights and tokenizer (instar's `load_model`), the same conversations
 (procedural math with worked steps; prompt-completion form for TRL so both train on the answer only) or
-problems and reward (`instar.train.rewards.score`), batch, lengths, lr, fused AdamW, precision (bf16 autocast
+problems (difficulty 3: an SFT model solving every level-1 problem skips every group, and instar then
+does no update at all) and reward (`instar.train.rewards.score`), batch, lengths, lr, fused AdamW, precision (bf16 autocast
 where the CPU has bf16 matrix support, else fp32), no packing; GRPO: beta 0 (instar `log_kl = false`), no std
 scaling, token-level loss (TRL `loss_type="dapo"`), temperature 1.0, one update per rollout batch.
 Simplifications: one short/long pair per side unless `--repeats`; GRPO steps differ in content between
@@ -42,7 +43,8 @@ from pathlib import Path
 
 BASE = "embedded-smollm2"
 SFT = dict(batch_size=16, max_len=192, lr=5e-5)
-GRPO = dict(batch_size=8, group_size=8, max_new_tokens=48, temperature=1.0, lr=1e-5)
+GRPO = dict(batch_size=8, group_size=8, max_new_tokens=48, temperature=1.0, lr=1e-5, difficulty=3)
+MICRO = 16  # GRPO sequences per forward/backward on both sides: 64 at once peaked at 9.7 GB RSS (SmolLM2, LoRA)
 FAMILIES = ["arithmetic", "money", "ages"]
 
 
@@ -76,7 +78,8 @@ def worker(a) -> None:
                   Store.open(a.db))
     elif a.side == "instar":
         run_stage("grpo", None, common + [f"model={a.model}", f"out={a.out}", "log_kl=false", "curriculum=false",
-                                          "eval_problems=8", f"families={json.dumps(FAMILIES)}", "difficulty=1"]
+                                          f"micro_batch={MICRO}",
+                                          "eval_problems=8", f"families={json.dumps(FAMILIES)}"]
                   + [f"{k}={v}" for k, v in GRPO.items()], Store.open(a.db))
     else:
         trl_train(a, cfg, bf16)
@@ -104,12 +107,14 @@ def trl_train(a, cfg: dict, bf16: bool) -> None:
         SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok, peft_config=peft).train()
         return
     data = Dataset.from_list([{"prompt": math_prompt(r["question"]), "answer": r["answer"]}
-                              for r in make_problems(2000, 5, FAMILIES, 1)])
+                              for r in make_problems(2000, 5, FAMILIES, GRPO["difficulty"])])
 
     def reward(completions, answer, **kwargs):
         return [score([c[0]["content"]], {"answer": x})[0][0] for c, x in zip(completions, answer)]
 
-    args = GRPOConfig(per_device_train_batch_size=GRPO["batch_size"] * GRPO["group_size"],
+    # One optimizer step per 64 completions generated at once, run through the model 16 at a time (= instar).
+    args = GRPOConfig(per_device_train_batch_size=MICRO,
+                      gradient_accumulation_steps=GRPO["batch_size"] * GRPO["group_size"] // MICRO,
                       num_generations=GRPO["group_size"], max_completion_length=GRPO["max_new_tokens"],
                       temperature=GRPO["temperature"], learning_rate=GRPO["lr"], beta=0.0, loss_type="dapo",
                       scale_rewards="none", **shared)
@@ -242,6 +247,10 @@ def main() -> None:
                   f" (load {os.getloadavg()[0]:.1f})", flush=True)
     cpu = {s: statistics.median(c for c, _ in r) for s, r in results.items()}
     flops = flops_per_step(a) if a.stage != "grpo" else None
+    if a.stage == "grpo":  # instar skips groups whose rewards are all equal: say how many it learned from
+        rows = store.db.execute("select name, avg(value) from metrics where name in ('skipped_groups', "
+                                "'completion_len', 'pass_rate') group by name").fetchall()
+        print("instar GRPO steps, mean over every run: " + ", ".join(f"{n} {v:.2f}" for n, v in rows))
     what = a.preset if a.stage == "pretrain" else a.model
     print(f"\n| {a.stage}{' LoRA' if a.lora else ''} on {what} | CPU s/step | wall s/step | "
           f"{'MFU | ' if flops else ''}TRL / this |\n|---|---|---|{'---|' if flops else ''}---|")
