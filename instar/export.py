@@ -7,10 +7,14 @@ The GGUF writer uses only the `gguf` package (llama.cpp's `convert_hf_to_gguf.py
 llama-cpp-python, and it rejects a freshly trained tokenizer's pre-tokenizer). It reads the model
 directory's files directly — config.json, model.safetensors, tokenizer.json — so no model is instantiated.
 
-What it deliberately supports: the llama architecture only (every instar preset, SmolLM2), a byte-level
-BPE tokenizer (llama.cpp's `gpt2` tokenizer model), tensors in f32 or f16 (no quantisation: run llama.cpp's
-`llama-quantize` on the result if you need it). Measured on a tiny random model: llama.cpp's logits match
-transformers' to 1.3e-6 in f32 (with an f32 KV cache) and 3e-3 in f16 (tests/test_export.py).
+What it deliberately supports: the llama, qwen2 and qwen3 architectures (every instar preset, SmolLM2,
+Qwen2/2.5, Qwen3 dense models; plain RoPE, no sliding window), a byte-level BPE tokenizer (llama.cpp's `gpt2`
+tokenizer model, its pre-tokenizer recognised by its split rule), tensors in f32 or f16 (no quantisation:
+run llama.cpp's `llama-quantize` on the result if you need it). Measured on tiny random models of each
+architecture: llama.cpp's logits match transformers' to 1.0e-6 .. 2.3e-6 in f32 (with an f32 KV cache) and
+2.2e-3 .. 3.1e-3 in f16, and llama.cpp tokenises the chat-templated prompt to the same ids
+(tests/test_export.py). The Modelfile spells ChatML when the model's template is ChatML (instar's own,
+SmolLM2's, Qwen's); otherwise it leaves the template to Ollama, which reads it from the GGUF.
 """
 
 from __future__ import annotations
@@ -27,15 +31,13 @@ FORMATS = ("hf", "gguf")
 HF_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
             "special_tokens_map.json", "chat_template.jinja", "vocab.json", "merges.txt")
 
-# Ollama's Go-template form of ChatML; the same template our tokenizer and SmolLM2 carry in Jinja form.
-MODELFILE = '''FROM ./{gguf}
-TEMPLATE """{{{{- range .Messages }}}}<|im_start|>{{{{ .Role }}}}
-{{{{ .Content }}}}<|im_end|>
-{{{{ end }}}}<|im_start|>assistant
+# Ollama's Go-template form of ChatML; the same template our tokenizer, SmolLM2 and Qwen carry in Jinja form.
+MODELFILE_CHATML = '''TEMPLATE """{{- range .Messages }}<|im_start|>{{ .Role }}
+{{ .Content }}<|im_end|>
+{{ end }}<|im_start|>assistant
 """
 PARAMETER stop "<|im_end|>"
 PARAMETER stop "<|im_start|>"
-PARAMETER temperature 0.7
 '''
 
 
@@ -52,7 +54,7 @@ def export(model_dir: Path, fmt: str, out: Path, dtype: str = "f16") -> list[Pat
     out = Path(out)
     if out.suffix != ".gguf":  # a folder was given: write model.gguf inside it
         out = out / "model.gguf"
-    return [write_gguf(model_dir, out, dtype), write_modelfile(out)]
+    return [write_gguf(model_dir, out, dtype), write_modelfile(out, read_chat_template(model_dir))]
 
 
 def export_hf(model_dir: Path, out: Path) -> list[Path]:
@@ -79,29 +81,46 @@ def read_chat_template(model_dir: Path) -> str | None:
 
 
 # -------------------------------------------------------------------------------------------------------
-# GGUF: metadata, tokenizer, tensors
+# GGUF: architecture, metadata, tokenizer, tensors
+
+# transformers model_type -> (llama.cpp architecture, permute q/k rows?). llama.cpp runs llama with "normal"
+# RoPE, which rotates adjacent pairs (x[2i], x[2i+1]); transformers rotates halves (x[i], x[i + d/2]), so
+# llama's q/k rows are reordered on the way out. qwen2 and qwen3 run with "neox" RoPE — the rotate-half
+# layout itself — so their rows go out as they are (llama.cpp's convert_hf_to_gguf.py does the same).
+ARCHITECTURES = {"llama": ("llama", True), "qwen2": ("qwen2", False), "qwen3": ("qwen3", False)}
+
+# Split regexes of byte-level BPE tokenizers -> the llama.cpp pre-tokenizer (`tokenizer.ggml.pre`) that
+# applies the same rule. Qwen2 and Qwen3 share one; Llama 3's groups up to three digits.
+SPLIT_PRE_TOKENIZERS = {
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+":
+        "qwen2",
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+":
+        "llama-bpe",
+}
 
 
 def permute_qk(w, n_head: int):
     """HF's rotate-half q/k rows -> GGML's interleaved pairs (llama.cpp convert_hf_to_gguf.py `permute`).
 
     HF rotates (x[i], x[i + d/2]) together; GGML rotates (x[2i], x[2i+1]). Per head, rows [0..d/2) and
-    [d/2..d) are interleaved: (n_head, 2, d/2, in) -> (n_head, d/2, 2, in)."""
+    [d/2..d) are interleaved: (n_head, 2, d/2, ...) -> (n_head, d/2, 2, ...). Works for weights and biases."""
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def tensor_map(n_layers: int) -> dict[str, str]:
-    """transformers LlamaForCausalLM parameter names -> GGUF tensor names."""
-    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-             "lm_head.weight": "output.weight"}
-    per_layer = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
-                 "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
-                 "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-                 "mlp.down_proj": "ffn_down"}
-    for i in range(n_layers):
-        for hf, gg in per_layer.items():
-            names[f"model.layers.{i}.{hf}.weight"] = f"blk.{i}.{gg}.weight"
-    return names
+def architecture(cfg: dict) -> tuple[str, bool]:
+    """(llama.cpp architecture, permute q/k?) for a config.json, or a one-line error naming what is supported."""
+    kind = cfg.get("model_type")
+    if kind not in ARCHITECTURES:
+        raise InstarError(f"GGUF export supports {', '.join(ARCHITECTURES)} models, got model_type {kind!r} "
+                          "(export --format hf, then use llama.cpp's convert_hf_to_gguf.py)")
+    if cfg.get("mlp_bias"):
+        raise InstarError("GGUF export does not support MLP biases")
+    if cfg.get("use_sliding_window"):
+        raise InstarError(f"GGUF export does not support {kind}'s sliding-window attention")
+    rope = cfg.get("rope_parameters") or {}
+    if rope.get("rope_type", "default") != "default" or cfg.get("rope_scaling"):
+        raise InstarError("GGUF export supports plain RoPE only (no rope scaling)")
+    return ARCHITECTURES[kind]
 
 
 def tokenizer_vocab(model_dir: Path, vocab_size: int):
@@ -143,9 +162,12 @@ def tokenizer_vocab(model_dir: Path, vocab_size: int):
 def pre_tokenizer_name(tok: dict) -> str:
     """The llama.cpp pre-tokenizer whose regex matches this tokenizer's split rules.
 
-    A plain ByteLevel pre-tokenizer with the GPT-2 regex is llama.cpp's `gpt-2`; SmolLM2's digits-then-
-    ByteLevel sequence is `smollm`. Anything else falls back to `default` (llama.cpp warns; ids given
-    directly still run the same network, only text tokenisation may differ)."""
+    llama.cpp's converter recognises a pre-tokenizer by hashing how a known tokenizer splits a test string,
+    which fails for any newly trained vocabulary; the split rule itself identifies it whatever the vocabulary.
+    A plain ByteLevel pre-tokenizer with the GPT-2 regex is `gpt-2`; SmolLM2's digits-then-ByteLevel is
+    `smollm`; a Split regex then a regex-free ByteLevel (Qwen2/3, Llama 3) is looked up in
+    SPLIT_PRE_TOKENIZERS. Anything else falls back to `default` (llama.cpp warns; ids given directly still
+    run the same network, only llama.cpp's own text tokenisation may differ)."""
     pre = tok.get("pre_tokenizer") or {}
     steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
     kinds = [s.get("type") for s in steps]
@@ -153,11 +175,13 @@ def pre_tokenizer_name(tok: dict) -> str:
         return "gpt-2"
     if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits"):
         return "smollm"
+    if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True):
+        return SPLIT_PRE_TOKENIZERS.get((steps[0].get("pattern") or {}).get("Regex"), "default")
     return "default"
 
 
 def write_gguf(model_dir: Path, out: Path, dtype: str = "f16") -> Path:
-    """Write `model_dir` (a transformers Llama directory) as a llama-architecture GGUF file."""
+    """Write `model_dir` (a transformers llama / qwen2 / qwen3 directory) as a GGUF file."""
     import gguf
     import numpy as np
     from safetensors.torch import load_file
@@ -165,19 +189,14 @@ def write_gguf(model_dir: Path, out: Path, dtype: str = "f16") -> Path:
     if dtype not in ("f32", "f16"):
         raise InstarError(f"GGUF dtype must be f32 or f16, got {dtype!r}")
     cfg = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-    if cfg.get("model_type") != "llama":
-        raise InstarError(f"GGUF export supports llama models, got model_type {cfg.get('model_type')!r}")
-    if cfg.get("attention_bias") or cfg.get("mlp_bias"):
-        raise InstarError("GGUF export does not support attention/MLP biases")
+    arch, permute = architecture(cfg)
     n_layers, n_head = cfg["num_hidden_layers"], cfg["num_attention_heads"]
     n_kv = cfg.get("num_key_value_heads") or n_head
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // n_head
     rope = cfg.get("rope_parameters") or {}
     rope_theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
-    if rope.get("rope_type", "default") != "default" or cfg.get("rope_scaling"):
-        raise InstarError("GGUF export supports plain RoPE only (no rope scaling)")
 
-    w = gguf.GGUFWriter(str(out), "llama")
+    w = gguf.GGUFWriter(str(out), arch)
     w.add_name(model_dir.parent.name if model_dir.name == "model" else model_dir.name)
     w.add_context_length(cfg.get("max_position_embeddings", 2048))
     w.add_embedding_length(cfg["hidden_size"])
@@ -186,7 +205,7 @@ def write_gguf(model_dir: Path, out: Path, dtype: str = "f16") -> Path:
     w.add_head_count(n_head)
     w.add_head_count_kv(n_kv)
     w.add_rope_dimension_count(head_dim)
-    if head_dim != cfg["hidden_size"] // n_head:
+    if head_dim != cfg["hidden_size"] // n_head:  # Qwen3 fixes head_dim (128) whatever the width
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
     w.add_rope_freq_base(float(rope_theta))
@@ -207,23 +226,27 @@ def write_gguf(model_dir: Path, out: Path, dtype: str = "f16") -> Path:
     if template:
         w.add_chat_template(template)
 
+    # gguf's own HF -> GGUF name table (the one llama.cpp's converter uses), restricted to the tensors
+    # llama.cpp's loader expects for this architecture.
+    arch_id = next(a for a, name in gguf.MODEL_ARCH_NAMES.items() if name == arch)
+    names, allowed = gguf.get_tensor_name_map(arch_id, n_layers), set(gguf.MODEL_TENSORS[arch_id])
     state = load_file(str(model_dir / "model.safetensors"))
-    names = tensor_map(n_layers)
     if cfg.get("tie_word_embeddings"):
         state.pop("lm_head.weight", None)  # llama.cpp reuses token_embd when `output` is absent
     for name, tensor in state.items():
-        if name not in names:
-            if name.endswith("rotary_emb.inv_freq"):
-                continue
-            raise InstarError(f"GGUF export: unexpected tensor {name!r}")
+        if name.endswith("rotary_emb.inv_freq"):
+            continue
+        kind, gguf_name = names.get_type_and_name(name, try_suffixes=(".weight", ".bias")) or (None, None)
+        if kind not in allowed:
+            raise InstarError(f"GGUF export: unexpected tensor {name!r} for the {arch} architecture")
         data = tensor.float().numpy()
-        if name.endswith("q_proj.weight"):
+        if permute and kind == gguf.MODEL_TENSOR.ATTN_Q:
             data = permute_qk(data, n_head)
-        elif name.endswith("k_proj.weight"):
+        elif permute and kind == gguf.MODEL_TENSOR.ATTN_K:
             data = permute_qk(data, n_kv)
-        # Norm vectors stay f32 (llama.cpp expects 1-D tensors in f32); matrices follow `dtype`.
+        # Norms and biases stay f32 (llama.cpp expects 1-D tensors in f32); matrices follow `dtype`.
         data = data.astype(np.float16 if dtype == "f16" and data.ndim == 2 else np.float32)
-        w.add_tensor(names[name], np.ascontiguousarray(data))
+        w.add_tensor(gguf_name, np.ascontiguousarray(data))
 
     out.parent.mkdir(parents=True, exist_ok=True)
     w.write_header_to_file()
@@ -233,8 +256,13 @@ def write_gguf(model_dir: Path, out: Path, dtype: str = "f16") -> Path:
     return out
 
 
-def write_modelfile(gguf_path: Path) -> Path:
-    """A Modelfile next to the GGUF: `ollama create NAME -f Modelfile` in that folder."""
+def write_modelfile(gguf_path: Path, chat_template: str | None) -> Path:
+    """A Modelfile next to the GGUF: `ollama create NAME -f Modelfile` in that folder.
+
+    A ChatML model gets the template spelled out; any other template is left to Ollama, which takes it from
+    the GGUF's `tokenizer.chat_template` (a wrong hand-written template would be worse than none)."""
     path = gguf_path.parent / "Modelfile"
-    path.write_text(MODELFILE.format(gguf=gguf_path.name), encoding="utf-8")
+    chatml = chat_template is not None and "<|im_start|>" in chat_template
+    text = f"FROM ./{gguf_path.name}\n" + (MODELFILE_CHATML if chatml else "") + "PARAMETER temperature 0.7\n"
+    path.write_text(text, encoding="utf-8")
     return path

@@ -83,6 +83,8 @@ class StudentConfig(StrictConfig):
     model: str = Field("scratch", description="'scratch' (random init + a new tokenizer), a Hugging Face model "
                        "directory, or 'embedded-smollm2' (continued pretraining of a real base).")
     preset: Literal["tiny", "small", "medium"] = Field("tiny", description="Size when model = 'scratch'.")
+    pretrain: bool = Field(True, description="Run stage 1 on the corpus: pretraining from scratch, or continued "
+                           "pretraining of a base model; false (a base model only) starts with SFT.")
 
 
 class PipelineConfig(StrictConfig):
@@ -100,7 +102,11 @@ class PipelineConfig(StrictConfig):
                                    "with that stage's keys (`instar train STAGE --help`).")
 
     def stages(self) -> list[str]:
-        plan = ["pretrain", "sft", *(["reward", "ppo"] if self.stage3 == "ppo" else ["dpo"]), "grpo"]
+        if not self.student.pretrain and self.student.model == "scratch":
+            raise ConfigError("student.pretrain = false needs a base model (student.model = a model directory or "
+                              "'embedded-smollm2'): a model from scratch must be pretrained")
+        stage3 = ["reward", "ppo"] if self.stage3 == "ppo" else ["dpo"]
+        plan = (["pretrain"] if self.student.pretrain else []) + ["sft", *stage3, "grpo"]
         if self.stop_after and self.stop_after not in plan:
             raise ConfigError(f"stop_after = {self.stop_after!r} is not a stage of this plan ({', '.join(plan)})")
         return plan[:plan.index(self.stop_after) + 1] if self.stop_after else plan
@@ -133,6 +139,8 @@ def stage_configs(cfg: PipelineConfig) -> dict:
         if stage == "pretrain":
             chained["model"] = cfg.student.model
             chained["preset"] = cfg.student.preset
+        elif previous is None:  # SFT straight from the base model (student.pretrain = false)
+            chained["model"] = cfg.student.model
         else:  # reward, ppo and dpo all start from the SFT model; grpo from stage 3's policy
             chained["model"] = str(out / ("sft" if stage in ("reward", "ppo", "dpo") else previous))
         if stage == "ppo" and "reward_model" in fields:

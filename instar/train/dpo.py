@@ -100,7 +100,7 @@ def run(cfg: Config, store) -> dict:
     store.require("preference", "train", 1)
     store.require("preference", "val", 1)
     s = open_session("dpo", cfg, store)
-    model, tok = load_model(cfg.model)
+    model, tok = load_model(cfg.model, purpose="lora" if cfg.lora else "full")
     train_pairs = pairs_from_store(store, tok, "train", cfg.max_len)
     val_pairs = pairs_from_store(store, tok, "val", cfg.max_len)[:cfg.eval_batches * cfg.batch_size]
     if cfg.lora:

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from typing import Callable, Literal
 
 import torch
+import torch.nn.functional as F
 from pydantic import Field
 
 from instar.errors import InstarError
@@ -196,11 +197,18 @@ def completion_logprobs(model, seqs: dict, temperature: float, group: int = 1) -
     group = G > 1 when rows come in runs of G with the same prompt (a GRPO group): each prompt is run ONCE, its KV
     cache repeated G times and the completions run on it. Gradients flow through the shared cache, so this is the
     same function (fp32: log-probs and gradients equal to 1e-6) on ~2.4x fewer tokens at 8 x 8 (prompt ~33 +
-    completion ~16 tokens): the update's forward+backward 0.086 -> 0.053 s here."""
+    completion ~16 tokens): the update's forward+backward 0.086 -> 0.053 s here.
+    Columns after every row's stop token are padding that no scored token attends to (attention is causal), so
+    they are not run: a micro-batch of groups that stopped early costs its own length, not the batch's."""
+    C = seqs["completion_ids"].shape[1]
+    live = int(seqs["completion_mask"].sum(1).max())                                     # longest completion here
+    if live < C:
+        trimmed = {k: v[:, :live] if k.startswith("completion") else v for k, v in seqs.items()}
+        return F.pad(completion_logprobs(model, trimmed, temperature, group), (0, C - live))  # [B, C], 0 on pads
     ids = torch.cat([seqs["prompt_ids"], seqs["completion_ids"]], dim=1)                 # [B, P + C]
     att = torch.cat([seqs["prompt_mask"], seqs["completion_mask"]], dim=1)
     pos = (att.cumsum(1) - 1).clamp(min=0)
-    (B, P), C = seqs["prompt_ids"].shape, seqs["completion_ids"].shape[1]
+    B, P = seqs["prompt_ids"].shape
     labels = ids[:, -(C + 1):].masked_fill(att[:, -(C + 1):] == 0, -100)
     prompts = seqs["prompt_ids"].view(B // group, group, P) if group > 1 and B % group == 0 else None
     if prompts is None or not bool((prompts == prompts[:, :1]).all()):
@@ -285,7 +293,7 @@ def run(cfg: Config, store, scorer: Scorer = score) -> dict:
         return {**done, "already_done": True}
     problems = Problems(cfg, store)
     s = open_session("grpo", cfg, store)
-    model, tok = load_model(cfg.model)
+    model, tok = load_model(cfg.model, purpose="lora" if cfg.lora else "full")
     ref = None
     if cfg.lora:
         model = wrap_lora(model, cfg)

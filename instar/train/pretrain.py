@@ -46,7 +46,7 @@ class Config(TrainConfig):
 def build(cfg: Config, train_texts: list[str], session):
     """(model, tokenizer): stage 0 from scratch, or a pretrained base."""
     if cfg.model != "scratch":
-        return load_model(cfg.model)
+        return load_model(cfg.model, purpose="lora" if cfg.lora else "full")
     from transformers import AutoTokenizer
 
     from instar.train.tokenizer import train_tokenizer

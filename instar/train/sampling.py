@@ -89,14 +89,18 @@ def _decode(m, ids, att, max_new_tokens: int, temperature: float, top_k: int | N
     the k-th) -> softmax -> one multinomial draw over all B rows per step, C = steps until every row stopped.
     Stopped rows still take part in the draw, as a one-hot on pad: torch's one-sample multinomial draws one
     exponential per [B, V] entry whatever the probabilities, so the RNG stream and each live row's token are
-    exactly HF's."""
+    exactly HF's. A second saving: repeated prompts (GRPO's G samples of one problem) are prefilled once each
+    and their KV cache rows copied (`_prefill`)."""
     B = ids.shape[0]
     pos = (att.cumsum(1) - 1).masked_fill(att == 0, 1)                             # [B, P]
     live = torch.arange(B, device=ids.device)                                      # rows still generating
     out, cache, x = [], None, ids
-    for _ in range(max_new_tokens):
-        o = m(input_ids=x, attention_mask=att, position_ids=pos, cache=cache, use_cache=True, logits_to_keep=1)
-        cache, logits = o.cache, o.logits[:, -1].float()                            # [L, V], L = len(live)
+    for i in range(max_new_tokens):
+        if i == 0:
+            cache, logits = _prefill(m, ids, att, pos)                              # [B, V]
+        else:
+            o = m(input_ids=x, attention_mask=att, position_ids=pos, cache=cache, use_cache=True, logits_to_keep=1)
+            cache, logits = o.cache, o.logits[:, -1].float()                        # [L, V], L = len(live)
         nxt = torch.full((B,), pad, dtype=torch.long, device=ids.device)            # [B]
         if temperature > 0:
             logits = logits / temperature
@@ -126,6 +130,24 @@ def stopped(gen: Completions, tok) -> torch.Tensor:
     """[B] bool: the completion ended with a stop token (False = cut at max_new_tokens)."""
     stops = torch.tensor(stop_ids(tok), device=gen.completion_ids.device)
     return (torch.isin(gen.completion_ids, stops) & gen.completion_mask.bool()).any(dim=1).cpu()
+
+
+def _prefill(m, ids, att, pos):
+    """(KV cache, fp32 logits of the last position [B, V]) for the prompts, each DISTINCT prompt run once.
+
+    GRPO samples G completions of each problem, so a rollout batch holds every prompt G times; the prompt is
+    most of a rollout's tokens (SmolLM2, 8 x 8: ~40-token prompts, ~20-token answers), and running it once
+    and copying its cache rows is the same function (fp32: equal tokens to HF `generate`, tested)."""
+    rows = torch.cat([ids, att], 1)
+    uniq, inverse = torch.unique(rows, dim=0, return_inverse=True)                 # [U, 2P], [B]
+    if len(uniq) == len(rows):
+        o = m(input_ids=ids, attention_mask=att, position_ids=pos, use_cache=True, logits_to_keep=1)
+        return o.cache, o.logits[:, -1].float()
+    first = torch.empty(len(uniq), dtype=torch.long, device=ids.device)
+    first.scatter_(0, inverse, torch.arange(len(rows), device=ids.device))          # one row of each prompt
+    o = m(input_ids=ids[first], attention_mask=att[first], position_ids=pos[first], use_cache=True, logits_to_keep=1)
+    o.cache.batch_select_indices(inverse)                                          # [U] -> [B] cache rows
+    return o.cache, o.logits[:, -1].float()[inverse]
 
 
 # The fixed questions every stage answers at its start and end (the report card's before/after).

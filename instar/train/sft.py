@@ -24,7 +24,7 @@ from instar.train.config import TrainConfig
 from instar.train.evaluate import render_examples, score_conversations
 from instar.train.loop import Stage, fit, open_session, supervised
 from instar.train.models import load_model, wrap_lora
-from instar.train.tokens import Sampler, collate, lm_loss
+from instar.train.tokens import Sampler, collate, lm_loss, scored_positions
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -48,8 +48,10 @@ def examples(store, tok, split: str, max_len: int) -> list[tuple[list[int], list
 # --- loss ------------------------------------------------------------------------------------------------
 def loss_fn(model, batch):
     # labels = ids on assistant tokens, -100 elsewhere (from render_chat's mask); mean over assistant tokens.
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return lm_loss(logits, batch["labels"])[0]
+    # The LM head runs only where some row has a label (SmolLM2: 49k-vocab head and log-softmax on ~40% of rows).
+    keep = scored_positions(batch["labels"])
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep).logits
+    return lm_loss(logits, batch["labels"], keep)[0]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -59,7 +61,7 @@ def run(cfg: Config, store) -> dict:
     store.require("messages", "train", 1)
     store.require("messages", "val", 1)
     s = open_session("sft", cfg, store)
-    model, tok = load_model(cfg.model)
+    model, tok = load_model(cfg.model, purpose="lora" if cfg.lora else "full")
     train_ex = examples(store, tok, "train", cfg.max_len)
     val_ex = examples(store, tok, "val", cfg.max_len)
     if cfg.lora:

@@ -6,8 +6,9 @@
     pack_documents(tok, texts, seq_len) -> [N, seq_len]  packed pretraining rows, separator after each document
     token_bytes(tok) -> [V]     UTF-8 bytes per token (0 for specials), for bits-per-byte
     Sampler(n, batch_size, seed).batch(i)  example indices of the i-th batch (reshuffled per epoch, pure in i)
-    token_logprobs(logits, labels, temperature=1.0) -> [B, T]: logp[b, t] = log p(labels[b, t] | labels[b, :t])
-    lm_loss(logits, labels)     mean next-token cross-entropy over labels != -100 (built on token_logprobs)
+    token_logprobs(logits, labels, temperature=1.0, positions=None) -> [B, T]: logp[b, t] = log p(labels[b, t] | labels[b, :t])
+    lm_loss(logits, labels, positions=None)  mean next-token cross-entropy over labels != -100 (on token_logprobs)
+    scored_positions(labels) -> [K]  positions whose logits score a label: model(..., logits_to_keep=them)
 
 Alignment convention (the classic off-by-one): masks and labels are always aligned with `input_ids`; the one
 shift from "logits at t predict token t+1" happens only inside `token_logprobs`.
@@ -141,26 +142,46 @@ class Sampler:
         return [self._perm(j // self.n)[j % self.n] for j in range(first, first + self.batch_size)]
 
 
-def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def scored_positions(labels: torch.Tensor) -> torch.Tensor:
+    """[K] ascending positions t whose logits some row scores (labels[b, t + 1] != -100 for some b).
+
+    Given to the model as `logits_to_keep` (transformers accepts a tensor of positions) and to
+    token_logprobs / lm_loss as `positions`, the LM head, its fp32 log-softmax and their backward run on K of
+    T positions. SFT on SmolLM2's 49k vocabulary: K/T ~0.4 on short math conversations (bench/README.md)."""
+    return (labels[:, 1:] != -100).any(0).nonzero().squeeze(1)
+
+
+def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
+                   positions: torch.Tensor | None = None) -> torch.Tensor:
     """Per-token log-probs, aligned with `labels`: out[b, t] = log softmax(logits[b, t-1] / T)[labels[b, t]].
 
-    logits [B, T, V] from model(input_ids), labels [B, T] (usually input_ids; -100 = ignore).
+    logits [B, T, V] from model(input_ids) — or [B, K, V] at `positions` [K] only (`scored_positions`, with
+    model(..., logits_to_keep=positions)); labels [B, T] (usually input_ids; -100 = ignore).
     out [B, T] float32; out[:, 0] = 0 (nothing predicts the first token) and 0 wherever labels == -100.
     This is the ONLY place the one-token shift happens. Temperature divides the logits, so log-probs used
     in PPO/GRPO ratios match the distribution that was sampled."""
-    B, T, V = logits.shape
-    target = labels[:, 1:]                                               # [B, T-1]
-    valid = target != -100                                               # [B, T-1]
+    B, T = labels.shape
+    if positions is None:
+        logits, target = logits[:, :-1], labels[:, 1:]                  # [B, T-1, V], [B, T-1]
+    else:
+        target = labels[:, positions + 1]                                # [B, K]
+    valid = target != -100
     # Only scored positions go through the fp32 softmax (SFT scores ~1/3 of them); cross_entropy is a fused
     # log_softmax + gather.
-    pred = logits[:, :-1][valid].float() / temperature                   # [N, V]
+    pred = logits[valid].float() / temperature                           # [N, V]
+    scores = torch.zeros(target.shape, dtype=torch.float32, device=logits.device)
+    scores[valid] = -F.cross_entropy(pred, target[valid], reduction="none")
     out = torch.zeros(B, T, dtype=torch.float32, device=logits.device)
-    out[:, 1:][valid] = -F.cross_entropy(pred, target[valid], reduction="none")
+    if positions is None:
+        out[:, 1:] = scores
+    else:
+        out[:, positions + 1] = scores
     return out
 
 
-def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """(mean next-token cross-entropy over labels != -100 except position 0, number of such tokens)."""
-    mask = labels[:, 1:] != -100
-    n = int(mask.sum())
-    return -token_logprobs(logits, labels)[:, 1:][mask].sum() / max(n, 1), n
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor | None = None
+            ) -> tuple[torch.Tensor, int]:
+    """(mean next-token cross-entropy over labels != -100 except position 0, number of such tokens).
+    `logits` over every position, or at `positions` only (see token_logprobs)."""
+    n = int((labels[:, 1:] != -100).sum())
+    return -token_logprobs(logits, labels, positions=positions).sum() / max(n, 1), n  # 0 off the labels
