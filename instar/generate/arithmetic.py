@@ -111,8 +111,15 @@ def columns(a: F, op: str, b: F) -> list[str]:
 
 
 def solution(t: Tree) -> str:
-    """The worked reply without its answer line; a bare number when there is nothing to work out."""
+    """The worked reply without its answer line; a bare number when there is nothing to work out.
+
+    With more than one step the reply first restates the question in symbols ("65 + 87", "(7 + 5) - 3"): the
+    words are read once, and every column and step below reads digits from that line instead of finding them
+    in a sentence it has never seen. Measured (tiny preset, 900 SFT steps, README "Stage 4"): external two-digit
+    problems 0.02 -> 0.30, the whole external set 6.1% -> 10.1%."""
     lines, z = _steps(t)
+    if len(lines) > 1:
+        lines = [expression(t)] + lines
     return "\n".join(lines) or format_number(z)
 
 
