@@ -23,6 +23,7 @@ import torch
 from pydantic import Field
 
 from instar.errors import InstarError
+from instar.train import yardsticks
 from instar.train.checkpoint import finished_summary, has_checkpoint
 from instar.train.config import TrainConfig
 from instar.train.loop import Stage, fit, open_session, supervised
@@ -136,6 +137,7 @@ def run(cfg: Config, store) -> dict:
             n += len(chunk)
         return {k: v / n for k, v in totals.items()}
 
-    start, end = fit(s, Stage(model, tok, micro=batch_at, updates=supervised(s, loss_fn), evaluate=evaluate))
+    start, end = fit(s, Stage(model, tok, micro=batch_at, updates=supervised(s, loss_fn), evaluate=evaluate,
+                              yardsticks=yardsticks.for_stage(cfg, tok)))
     # `loss` in the summary is the held-out DPO loss (the metrics table calls it val_loss: `loss` is the train loss)
     return s.finish(model, tok, start={"loss": start["val_loss"], **start}, end={"loss": end["val_loss"], **end})

@@ -34,6 +34,7 @@ import torch
 from pydantic import Field, model_validator
 
 from instar.errors import ConfigError, InstarError
+from instar.train import yardsticks
 from instar.train.checkpoint import finished_summary
 from instar.train.config import TrainConfig
 from instar.train.loop import Closure, Stage, autocast, fit, open_session
@@ -258,7 +259,7 @@ def run(cfg: Config, store, scorer: Scorer | None = None) -> dict:
     start, end = fit(s, Stage(policy, tok, micro=micro, updates=lambda micros: updates(s, cfg, micros),
                               evaluate=evaluate, metrics=lambda micros, sums: metrics(micros, sums, per_step),
                               lm=policy.lm, samples=lambda micros: sample_rows(micros[0]), table=ppo_samples_table,
-                              per_step=per_step))
+                              per_step=per_step, yardsticks=yardsticks.for_stage(cfg, tok, scorer=scorer)))
     return s.finish(policy.lm, tok, start=start, end=end)
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from pydantic import Field, model_validator
 
+from instar.train import yardsticks
 from instar.train.checkpoint import finished_summary
 from instar.train.config import TrainConfig
 from instar.train.evaluate import score_rows
@@ -100,5 +101,6 @@ def run(cfg: Config, store) -> dict:
         v = score_rows(m, val_rows, tbytes, cfg.batch_size, cfg.eval_batches)
         return {"val_loss": v["loss"], "val_bpb": v["bpb"]}
 
-    start, end = fit(s, Stage(model, tok, micro=batch_at, updates=supervised(s, loss_fn), evaluate=evaluate))
+    start, end = fit(s, Stage(model, tok, micro=batch_at, updates=supervised(s, loss_fn), evaluate=evaluate,
+                              yardsticks=yardsticks.for_stage(cfg, tok, chat=False)))
     return s.finish(model, tok, start=start, end=end)

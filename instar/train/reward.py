@@ -41,7 +41,8 @@ class Config(TrainConfig):
     batch_size: int = Field(8, ge=1, description="Pairs per micro-batch (2x sequences).")
     max_len: int = Field(384, ge=8, description="Tokens per prompt+response (longer ones are truncated).")
 
-    unsupported = {"sample_tokens": "a reward model answers no prompts; it logs its scores of held-out pairs"}
+    unsupported = {"sample_tokens": "a reward model answers no prompts; it logs its scores of held-out pairs",
+                   "external_eval": "a reward model answers no prompts; PPO scores the chat yardsticks with it"}
 
 
 # --- data ------------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from instar.errors import InstarError
+from instar.train import yardsticks
 from instar.train.checkpoint import finished_summary
 from instar.train.config import TrainConfig
 from instar.train.evaluate import render_examples, score_conversations
@@ -83,5 +84,6 @@ def run(cfg: Config, store) -> dict:
     def evaluate(m):
         return {"val_loss": score_conversations(m, val_ex, tok.pad_token_id, cfg.batch_size, cfg.eval_batches)["loss"]}
 
-    start, end = fit(s, Stage(model, tok, micro=batch_at, updates=supervised(s, loss_fn), evaluate=evaluate))
+    start, end = fit(s, Stage(model, tok, micro=batch_at, updates=supervised(s, loss_fn), evaluate=evaluate,
+                              yardsticks=yardsticks.for_stage(cfg, tok)))
     return s.finish(model, tok, start=start, end=end)
