@@ -23,6 +23,7 @@ import torch
 from pydantic import Field
 
 from instar.errors import InstarError
+from instar.generate.pairs import stored_split
 from instar.train import yardsticks
 from instar.train.checkpoint import finished_summary, has_checkpoint
 from instar.train.config import TrainConfig
@@ -98,8 +99,7 @@ def pair_loss(model, batch, beta: float):
 def run(cfg: Config, store) -> dict:
     if (done := finished_summary(cfg.out)) is not None:
         return {**done, "already_done": True}
-    store.require("preference", "train", 1)
-    store.require("preference", "val", 1)
+    stored_split(store, "train"), stored_split(store, "val")  # both sides of the by-prompt split exist
     s = open_session("dpo", cfg, store)
     model, tok = load_model(cfg.model, purpose="lora" if cfg.lora else "full")
     train_pairs = pairs_from_store(store, tok, "train", cfg.max_len)

@@ -34,6 +34,7 @@ import torch
 from pydantic import Field, model_validator
 
 from instar.errors import ConfigError, InstarError
+from instar.generate.pairs import stored_split
 from instar.train import yardsticks
 from instar.train.checkpoint import finished_summary
 from instar.train.config import TrainConfig
@@ -78,10 +79,11 @@ class Config(TrainConfig):
 
 # --- data ------------------------------------------------------------------------------------------------
 def prompts_from_store(store, tok, split: str, max_len: int) -> tuple[list[list[int]], list[str]]:
-    """Distinct rendered prompts (ending with the assistant header) of the stored preference pairs, and
-    their last user turns (for the sample table)."""
+    """Distinct rendered prompts (ending with the assistant header) of the stored preference pairs on one side
+    of the by-prompt split (`generate.pairs.split_by_prompt`: no val prompt is ever trained on), and their last
+    user turns (for the sample table)."""
     seen, ids_out, texts = set(), [], []
-    for r in store.require("preference", split, 1):
+    for r in stored_split(store, split):
         ids = tuple(render_chat(tok, r["prompt"], add_generation_prompt=True)[0][-max_len:])
         if ids not in seen:
             seen.add(ids)
@@ -209,8 +211,7 @@ def run(cfg: Config, store, scorer: Scorer | None = None) -> dict:
 
     if (done := finished_summary(cfg.out)) is not None:
         return {**done, "already_done": True}
-    store.require("preference", "train", 1)
-    store.require("preference", "val", 1)
+    stored_split(store, "train"), stored_split(store, "val")  # both sides of the by-prompt split exist
     s = open_session("ppo", cfg, store)
     lm, tok = load_model(cfg.model, purpose="lora" if cfg.lora else "full")
     prompt_len = max(1, cfg.max_len - cfg.max_new_tokens)
