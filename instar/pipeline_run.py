@@ -64,8 +64,9 @@ class DataConfig(StrictConfig):
     preference_source: Literal["judge", "procedural"] = Field(
         "procedural", description="judge = the teacher writes two answers and judges both orders (use it with a "
         "stronger teacher: the 135M judge tied in 11 of 13 tries); procedural = pairs "
-        "from the stored chat conversations (chosen: the conversation's own answer; rejected: another conversation's "
-        "answer, or the answer damaged: looping, shuffled or cut off).")
+        "from the stored chat conversations and documents as 'continue this text' requests (chosen: the own answer; "
+        "rejected: another one's answer, the answer damaged — looping, a word repeated, shuffled, cut off — or a "
+        "math drill's reply; generate/pairs.py).")
     math_sft: int = Field(20000, ge=0, description="Procedural math conversations for SFT (generate/sft_math.py): "
                           "arithmetic and story problems of levels 1-5 with worked steps (columns for bigger numbers), "
                           "then 'Answer: N' — GRPO's families and prompt form, its held-out problems excluded.")
