@@ -13,9 +13,10 @@ def test_is_drill_flags_answer_lines_and_sums_not_prose():
     from instar.train.yardsticks import is_drill
 
     assert is_drill("1 + 5 = 6 Answer: 6") and is_drill("Let me see.\nanswer: 12") and is_drill("12 x 3 = 36")
-    assert is_drill("7-2=5")
+    assert is_drill("7-2=5") and is_drill("er: -11") and is_drill("Well.\n: 3/4")
     assert not is_drill("I am a helpful assistant.") and not is_drill("A spider has 8 legs.")
     assert not is_drill("My answer is yes: go outside.") and not is_drill("Call 555-1234 on 2-3 May.")
+    assert not is_drill("Open: 9 to 5 on weekdays.") and not is_drill("Tip: drink water.")
 
 
 def test_repetition_and_diversity_measures():
