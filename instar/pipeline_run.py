@@ -64,8 +64,9 @@ class DataConfig(StrictConfig):
     preference_source: Literal["judge", "procedural"] = Field(
         "procedural", description="judge = the teacher writes two answers and judges both orders (use it with a "
         "stronger teacher: the 135M judge tied in 11 of 13 tries); procedural = pairs "
-        "from the stored chat conversations (chosen: the conversation's own answer; rejected: another conversation's "
-        "answer, or the answer damaged: looping, shuffled or cut off).")
+        "from the stored chat conversations and documents as 'continue this text' requests (chosen: the own answer; "
+        "rejected: another one's answer, the answer damaged — looping, a word repeated, shuffled, cut off — or a "
+        "math drill's reply; generate/pairs.py).")
     math_sft: int = Field(20000, ge=0, description="Procedural math conversations for SFT (generate/sft_math.py): "
                           "arithmetic and story problems of levels 1-5 with worked steps (columns for bigger numbers), "
                           "then 'Answer: N' — GRPO's families and prompt form, its held-out problems excluded.")
@@ -174,8 +175,10 @@ def top_up(store, cfg: PipelineConfig, grpo_cfg, console) -> dict[str, int]:
         if target == 0 or store.count(KIND_OF[kind]) >= target:
             continue
         if kind == "preferences" and d.preference_source == "procedural":
+            from instar.generate.pairs import procedural_pairs
+
             added = procedural_pairs(store, target, cfg.seed)
-            console.print(f"preferences: {added} procedural pairs (swapped or damaged answers)")
+            console.print(f"preferences: {added} procedural pairs (swapped, damaged or drilled answers)")
             continue
         gen = GenerateConfig(kind=kind, count=target, backend=t.backend, model=t.model, hosts=t.hosts,
                              temperature=t.temperature, max_tokens=t.max_tokens, concurrency=t.concurrency,
@@ -211,64 +214,23 @@ def sft_math(store, cfg: PipelineConfig, grpo_cfg, console) -> int:
                               console)
 
 
-def procedural_pairs(store, target: int, seed: int) -> int:
-    """Preference pairs without a judge, from the stored chat conversations (the embedded 135M judge tied in 11
-    of 13 tries here). Chosen is always a conversation's own last answer; rejected alternates between
-    - swapped: another, randomly drawn conversation's answer ("answers THIS prompt"), and
-    - damaged: the same answer with a failure a small model makes — a phrase looping, words shuffled, or cut off
-      mid-sentence (`damage`) — so the reward model also learns fluent and finished over broken.
-    Math conversations stay out: PPO's prompts come from these pairs, and PPO on math prompts with a reward that
-    cannot check arithmetic cost 0.18 pass@1 (0.39 -> 0.21, measured) that stage 4 then has to win back."""
-    import random
-
-    from instar.datasets.store import Provenance, record_id, split_of
-    from instar.train.rewards import extract_answer
-
-    convs = [r["messages"] for r in store.records("messages") if extract_answer(r["messages"][-1]["content"]) is None]
-    need = target - store.count("preference")
-    if need <= 0 or len(convs) < 2:
-        return 0
-    rng = random.Random(seed)
-    candidates = []
-    for conv in convs:  # every conversation with up to 16 partners and 16 damaged copies: plenty of distinct pairs
-        answer = conv[-1]["content"]
-        for k, j in enumerate(rng.sample(range(len(convs)), min(16, len(convs)))):
-            for rejected in (convs[j][-1]["content"], damage(answer, k % 3, rng)):
-                if rejected.strip() and rejected != answer:
-                    candidates.append({"prompt": conv[:-1], "chosen": answer, "rejected": rejected})
-    candidates = list({record_id("preference", c): c for c in candidates}.values())  # distinct pairs only
-    rng.shuffle(candidates)
-    pairs = candidates[:need]
-    # Small targets can miss the 5% val split; swap one val pair in so reward/DPO have a held-out set.
-    in_val = [c for c in candidates if split_of(record_id("preference", c)) == "val"]
-    if in_val and store.count("preference", "val") == 0 and not any(c in in_val for c in pairs):
-        pairs[-1] = in_val[0]
-    return store.add("preference", pairs, Provenance(source="procedural", template="pairs-v2", seed=seed)).inserted
-
-
-def damage(text: str, how: int, rng) -> str:
-    """A broken copy of `text`: 0 = its first few words looping, 1 = its words shuffled, 2 = cut mid-sentence."""
-    words = text.split()
-    if how == 0:
-        phrase = words[:rng.randint(2, 5)]
-        return " ".join((phrase * (len(words) // max(len(phrase), 1) + 1))[:max(len(words), 2 * len(phrase))])
-    if how == 1:
-        return " ".join(rng.sample(words, len(words)))
-    return " ".join(words[:max(1, int(len(words) * rng.uniform(0.2, 0.6)))])
-
-
 def check_splits(store, stages: list[str]) -> None:
-    """Every stage needs train AND val records; say which target to raise before any training starts."""
+    """Every stage needs train AND val records; say which target to raise before any training starts. Preference
+    pairs are split by prompt (`generate.pairs.split_by_prompt`), the other kinds by the store's content hash."""
+    from instar.generate.pairs import split_by_prompt
+
     needs = {"pretrain": ("text", "corpus"), "sft": ("messages", "instructions"), "reward": ("preference", "preferences"),
              "ppo": ("preference", "preferences"), "dpo": ("preference", "preferences")}
     for stage in stages:
         if stage in needs:
             kind, key = needs[stage]
             for split in ("train", "val"):
-                if store.count(kind, split) == 0:
+                n = (len(split_by_prompt(store.records(kind), split)) if kind == "preference"
+                     else store.count(kind, split))
+                if n == 0:
                     raise InstarError(f"{stage} needs `{kind}` records in the {split} split, found none "
-                                      f"({store.count(kind)} stored; splits are 90/5/5 by content hash): "
-                                      f"raise data.{key}")
+                                      f"({store.count(kind)} stored; splits are 90/5/5 by content hash, 80/20 by "
+                                      f"prompt for preference pairs): raise data.{key}")
 
 
 def pipeline_row(store, cfg: PipelineConfig) -> str:

@@ -36,10 +36,22 @@ METRICS = {"val_loss": ("val loss", True), "val_bpb": ("val bits/byte", True), "
            "pair_accuracy": ("pair accuracy", False), "margin": ("reward margin", False),
            "reward_mean": ("policy reward", False), "kl": ("KL to reference", True),
            "reward_accuracy": ("DPO reward accuracy", False), "reward_margin": ("DPO reward margin", False),
-           "accuracy": ("math accuracy", False), "pass_rate": ("pass rate", False),
-           # The hand-written arithmetic no stage trains on (instar/evalsets/arithmetic.jsonl): what generalises.
-           "ext_math_acc": ("external arithmetic: accuracy", False),
-           "ext_math_format": ("external arithmetic: answer-line rate", False)}
+           "accuracy": ("math accuracy", False), "pass_rate": ("pass rate", False)}
+# The external yardsticks (train/yardsticks.py: hand-written arithmetic, chat prompts and text in instar/evalsets,
+# which no stage trains on), shown in their own table, "what generalises", one column per model; label and
+# whether lower is better (None: neither).
+EXTERNAL = {"ext_math_acc": ("external arithmetic: accuracy", False),
+            "ext_math_format": ("external arithmetic: answer-line rate", False),
+            "ext_chat_drill": ("chat prompts: math-drill replies", True),
+            "ext_chat_rep3": ("chat prompts: repeated 3-grams", True),
+            "ext_chat_distinct2": ("chat prompts: distinct bigrams", False),
+            "ext_chat_tokens": ("chat prompts: reply tokens", None),
+            "ext_chat_stop": ("chat prompts: replies that stop", False),
+            "ext_chat_reward": ("chat prompts: reward-model score", False),
+            "ext_text_bpb": ("hand-written text: bits/byte", True),
+            "ext_cont_distinct": ("continuations: distinct words", False),
+            "ext_cont_rep3": ("continuations: repeated 3-grams", True)}
+METRICS.update(EXTERNAL)
 # Curves worth a plot, most telling first; any other logged series follows up to MAX_CURVES per stage.
 CURVE_PRIORITY = ("loss", "val_loss", "val_bpb", "reward_mean", "accuracy", "pair_accuracy", "kl", "pass_rate")
 SKIP_CURVES = ("lr", "tok/s", "tokens_per_s", "step_s", "sec_per_step", "grad_norm")
@@ -75,6 +87,22 @@ class Card:
         for s in self.stages:
             seen.update(dict.fromkeys(s.answers))
         return list(seen)
+
+    def generalises(self) -> tuple[list[str], list[tuple[str, list[float | None]]]]:
+        """The external yardsticks as (column labels, [(metric, value per column)]): the first stage that
+        measured them at its start ("before"), then every stage's end. A stage's model is the next one's start,
+        so a number the next stage measured at its start (the SFT model's chat replies scored by the reward model
+        when PPO starts; the PPO model's arithmetic when GRPO starts) fills its column where the stage itself did
+        not measure it."""
+        measured = [s for s in self.stages if any(k in EXTERNAL for k in [*s.start, *s.end])]
+        if not measured:
+            return [], []
+        first = measured[0]
+        cols = [("0 random init" if first.stage == "pretrain" else f"before {first.label}", first.start)]
+        cols += [(s.label, {**(measured[i + 1].start if i + 1 < len(measured) else {}), **s.end})
+                 for i, s in enumerate(measured)]
+        keys = [k for k in EXTERNAL if any(k in values for _, values in cols)]
+        return [c for c, _ in cols], [(k, [values.get(k) for _, values in cols]) for k in keys]
 
     def answer_rows(self, prompt: str) -> list[tuple[str, str]]:
         """(who, answer) for one prompt: stage 0 (the first stage's start), then every stage's end."""
@@ -148,7 +176,7 @@ def stage_card(store: Store, row: dict) -> StageCard:
         extra = json.loads(sample["extra"]) if sample.get("extra") else {}
         if extra.get("tag") == "report" and extra.get("when") in ("start", "end") and sample["prompt"]:
             card.answers.setdefault(sample["prompt"], {})[extra["when"]] = sample["completion"] or ""
-    names = [n for n in runs.metric_names(store, row["id"]) if n not in SKIP_CURVES]
+    names = [n for n in runs.metric_names(store, row["id"]) if n not in SKIP_CURVES and n not in EXTERNAL]
     names.sort(key=lambda n: CURVE_PRIORITY.index(n) if n in CURVE_PRIORITY else len(CURVE_PRIORITY))
     for name in names:
         series = runs.metric_series(store, row["id"], name)
@@ -242,7 +270,7 @@ def render_terminal(card: Card, console, html_file: Path | None = None, width: i
     for col in ("stage", "metric", "before", "after", "change", "curve"):
         numbers.add_column(col, justify="right" if col in ("before", "after", "change") else "left")
     for s in card.stages:
-        keys = list(dict.fromkeys([*s.start, *s.end]))
+        keys = [k for k in dict.fromkeys([*s.start, *s.end]) if k not in EXTERNAL]
         curve = sparkline(next(iter(s.curves.values()))) if s.curves else ""
         for i, k in enumerate(keys):
             text, better = change(k, s.start.get(k), s.end.get(k))
@@ -256,6 +284,16 @@ def render_terminal(card: Card, console, html_file: Path | None = None, width: i
             numbers.add_row("", "peak memory", "", s.memory, "", "")
         numbers.add_section()
     console.print(numbers)
+    cols, rows = card.generalises()
+    if rows:
+        ext = Table(title="What generalises: hand-written arithmetic, chat prompts and text no stage trains on "
+                    "(instar/evalsets)", title_justify="left")
+        ext.add_column("metric")
+        for c in cols:
+            ext.add_column(c, justify="right")
+        for k, values in rows:
+            ext.add_row(metric_label(k), *(fmt(v) for v in values))
+        console.print(ext)
     if line := teacher_line(card):
         console.print(f"[dim]{line}[/]")
     render_quality(None, console, card.data_quality)
@@ -348,7 +386,7 @@ def write_html(card: Card, path: Path) -> Path:
              "<h2>Held-out numbers</h2><table><tr><th>stage</th><th>metric</th><th>before</th><th>after</th>"
              "<th>change</th><th>data</th></tr>"]
     for s in card.stages:
-        keys = list(dict.fromkeys([*s.start, *s.end])) or [None]
+        keys = [k for k in dict.fromkeys([*s.start, *s.end]) if k not in EXTERNAL] or [None]
         data = ", ".join(f"{k} {v}" for k, v in s.data.items() if not isinstance(v, (dict, list)))
         for i, k in enumerate(keys):
             text, better = change(k, s.start.get(k), s.end.get(k)) if k else ("", None)
@@ -360,6 +398,15 @@ def write_html(card: Card, path: Path) -> Path:
             parts.append(f"<tr><td></td><td>peak memory</td><td></td><td class=num>{e(s.memory)}</td><td></td>"
                          "<td></td></tr>")
     parts.append("</table>")
+    cols, rows = card.generalises()
+    if rows:
+        parts.append("<h2>What generalises</h2><p>Hand-written arithmetic, chat prompts and text that no stage "
+                     "trains on (<code>instar/evalsets/</code>, measured by <code>train/yardsticks.py</code>).</p>"
+                     "<table><tr><th>metric</th>" + "".join(f"<th>{e(c)}</th>" for c in cols) + "</tr>")
+        for k, values in rows:
+            parts.append(f"<tr><td>{e(metric_label(k))}</td>" + "".join(f"<td class=num>{fmt(v)}</td>" for v in values)
+                         + "</tr>")
+        parts.append("</table>")
     if line := teacher_line(card):
         parts.append(f"<p><i>{e(line)}</i></p>")
     if card.data_quality:  # the data every stage learned from: how much of it, how varied, how clean

@@ -77,7 +77,8 @@ def planted_scorer(tok):
 
 
 PPO = ["max_steps=4", "batch_size=8", "mini_batch_size=4", "ppo_epochs=2", "max_new_tokens=6", "eval_batches=1",
-       "lr=1e-2", "warmup=1", "dtype=fp32", "log_every=1", "save_every=2", "eval_every=2", "temperature=1.0"]
+       "lr=1e-2", "warmup=1", "dtype=fp32", "log_every=1", "save_every=2", "eval_every=2", "temperature=1.0",
+       "kl_target=0.5", "no_eos_penalty=0.5", "length_coef=0.2"]  # the guards' state must resume exactly too
 
 
 def run_ppo(store, base, out, extra=()):

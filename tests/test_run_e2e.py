@@ -21,6 +21,7 @@ from train_fixtures import conversations, documents
 
 from instar.datasets import runs
 from instar.datasets.store import Provenance, Store
+from instar.generate.pairs import split_by_prompt
 
 CI = Path(__file__).resolve().parents[1] / "configs" / "ci.toml"
 STAGES = ["pretrain", "sft", "reward", "ppo", "grpo"]
@@ -63,7 +64,8 @@ def test_ci_config_runs_every_stage_end_to_end(work, ci_run):
     assert generated >= 2
     assert store.db.execute("select count(*) from records where backend = 'embedded'").fetchone()[0] + \
         store.db.execute("select count(*) from failures where kind in ('text', 'messages')").fetchone()[0] > 0
-    assert store.count("preference", "val") > 0 and store.count("math") >= 4
+    held_out = split_by_prompt(store.records("preference"), "val")  # the reward model and PPO split by prompt
+    assert held_out and store.count("math") >= 4
     # One pipeline row, done, with the five stage runs as children; each stage finished with a summary.
     pipe = runs.list_runs(store, kind="pipeline")
     assert len(pipe) == 1 and pipe[0]["status"] == "done"
@@ -73,7 +75,7 @@ def test_ci_config_runs_every_stage_end_to_end(work, ci_run):
         summary = json.loads((out / stage / "summary.json").read_text())
         assert summary["start"] and summary["end"], stage
     # Report card and both exports.
-    assert "report card" in ci_run.stdout and "4 GRPO" in ci_run.stdout
+    assert "report card" in ci_run.stdout and "4 GRPO" in ci_run.stdout and "What generalises" in ci_run.stdout
     assert "data:image/png;base64," in (out / "report.html").read_text()
     assert (out / "export" / "Modelfile").read_text().startswith("FROM ./model.gguf")
     assert (out / "export" / "hf" / "config.json").exists()
@@ -158,12 +160,12 @@ def test_stages_are_chained_through_run_directories():
     assert list(dpo) == ["pretrain", "sft", "dpo", "grpo"] and dpo["grpo"].model == "x/dpo"
 
 
-def test_math_sft_excludes_grpo_held_out_problems_and_procedural_pairs_reach_val(store, tmp_path):
+def test_math_sft_excludes_grpo_held_out_problems(store, tmp_path):
     import io
 
     from rich.console import Console
 
-    from instar.pipeline_run import load_pipeline_config, procedural_pairs, sft_math, stage_configs
+    from instar.pipeline_run import load_pipeline_config, sft_math, stage_configs
     from instar.train.grpo import Problems
 
     cfg = load_pipeline_config(None, [f"out={tmp_path}", "data.math_sft=200"])
@@ -172,26 +174,3 @@ def test_math_sft_excludes_grpo_held_out_problems_and_procedural_pairs_reach_val
     held = {r["question"] for r in Problems(grpo, store).heldout}
     asked = {m["messages"][0]["content"] for m in store.records("messages")}
     assert n == store.count("messages") > 50 and not asked & held
-    store.add("messages", conversations(12), Provenance(source="import"))
-    assert procedural_pairs(store, 40, 0) == 40 and store.count("preference", "val") >= 1
-    answers = {c["messages"][-1]["content"] for c in conversations(12)}
-    pairs = store.records("preference")
-    for pair in pairs:  # chat only: a math reply's swapped number is no preference PPO should chase
-        assert pair["chosen"] in answers and pair["chosen"] != pair["rejected"]
-        assert "Answer:" not in pair["chosen"] + pair["rejected"]
-    swapped = sum(p["rejected"] in answers for p in pairs)
-    assert 10 <= swapped <= 30  # about half swapped, half damaged
-
-
-def test_damage_breaks_an_answer_three_ways():
-    import random
-
-    from instar.pipeline_run import damage
-
-    text = "The cat sat on the mat because it was warm there."
-    looped, shuffled, cut = (damage(text, how, random.Random(0)) for how in range(3))
-    assert looped.split()[0] == "The" and len(looped.split()) >= len(text.split()) and looped != text
-    first = looped.split()[:2]
-    assert looped.split()[len(looped.split()) // 2:][:2] != [] and looped.count(" ".join(first)) >= 2
-    assert sorted(shuffled.split()) == sorted(text.split()) and shuffled != text
-    assert text.startswith(cut) and 1 <= len(cut.split()) < len(text.split())

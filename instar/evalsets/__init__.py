@@ -11,6 +11,14 @@ was computed from with exact fractions; the test re-computes every answer with t
 Forms (`family`): two_digit (44), three_digit (20), negatives (42), parentheses (41), chains of 3-5 terms (48),
 short word problems (60), products and quotients (23). It is read by the evaluation only: `instar eval RUN
 --data arithmetic`, the report card's "what generalises" rows, and the GRPO stage's external score.
+
+    chat_prompts()                   # 62 hand-written chat prompts, none about arithmetic
+    text_paragraphs()                # 36 hand-written paragraphs of everyday prose
+
+`chat_prompts.txt` and `text.txt` were written by hand for instar too, unlike the teacher's pools in
+`instar/generate/prompts.py` (tests/test_yardsticks.py checks that no pool entry occurs in a prompt); the
+stages measure themselves on them at their start and end (`instar/train/yardsticks.py`). Lines starting with
+"#" are comments; a prompt per line, paragraphs separated by blank lines.
 """
 
 from __future__ import annotations
@@ -39,3 +47,18 @@ def arithmetic() -> list[dict]:
 
 def external_questions() -> set[str]:
     return {r["question"] for r in _rows("arithmetic")}
+
+
+def _lines(name: str) -> list[str]:
+    text = resources.files("instar.evalsets").joinpath(name).read_text(encoding="utf-8")
+    return [line for line in text.splitlines() if not line.startswith("#")]
+
+
+@lru_cache(maxsize=None)
+def chat_prompts() -> tuple[str, ...]:
+    return tuple(line.strip() for line in _lines("chat_prompts.txt") if line.strip())
+
+
+@lru_cache(maxsize=None)
+def text_paragraphs() -> tuple[str, ...]:
+    return tuple(p.strip() for p in "\n".join(_lines("text.txt")).split("\n\n") if p.strip())

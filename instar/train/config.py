@@ -44,7 +44,11 @@ class TrainConfig(StrictConfig):
     lora_r: int = Field(16, ge=1, description="LoRA rank.")
     lora_alpha: int = Field(32, ge=1, description="LoRA alpha (scale = alpha / r).")
     lora_dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout.")
-    sample_tokens: int = Field(48, ge=1, description="Max new tokens for the report prompts' answers.")
+    sample_tokens: int = Field(48, ge=1, description="Max new tokens for the report prompts' answers (and the "
+                               "external chat prompts' replies, `train/yardsticks.py`).")
+    external_eval: bool = Field(False, description="At start and end, also score the hand-written external "
+                                "arithmetic (instar/evalsets; ~10 s each on the tiny preset); `instar run` turns it "
+                                "on for SFT and GRPO.")
 
     unsupported: ClassVar[dict[str, str]] = {}  # inherited key -> why this stage cannot honour it
 

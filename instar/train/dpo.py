@@ -23,6 +23,8 @@ import torch
 from pydantic import Field
 
 from instar.errors import InstarError
+from instar.generate.pairs import stored_split
+from instar.train import yardsticks
 from instar.train.checkpoint import finished_summary, has_checkpoint
 from instar.train.config import TrainConfig
 from instar.train.loop import Stage, fit, open_session, supervised
@@ -97,8 +99,7 @@ def pair_loss(model, batch, beta: float):
 def run(cfg: Config, store) -> dict:
     if (done := finished_summary(cfg.out)) is not None:
         return {**done, "already_done": True}
-    store.require("preference", "train", 1)
-    store.require("preference", "val", 1)
+    stored_split(store, "train"), stored_split(store, "val")  # both sides of the by-prompt split exist
     s = open_session("dpo", cfg, store)
     model, tok = load_model(cfg.model, purpose="lora" if cfg.lora else "full")
     train_pairs = pairs_from_store(store, tok, "train", cfg.max_len)
@@ -136,6 +137,7 @@ def run(cfg: Config, store) -> dict:
             n += len(chunk)
         return {k: v / n for k, v in totals.items()}
 
-    start, end = fit(s, Stage(model, tok, micro=batch_at, updates=supervised(s, loss_fn), evaluate=evaluate))
+    start, end = fit(s, Stage(model, tok, micro=batch_at, updates=supervised(s, loss_fn), evaluate=evaluate,
+                              yardsticks=yardsticks.for_stage(cfg, tok)))
     # `loss` in the summary is the held-out DPO loss (the metrics table calls it val_loss: `loss` is the train loss)
     return s.finish(model, tok, start={"loss": start["val_loss"], **start}, end={"loss": end["val_loss"], **end})

@@ -44,7 +44,8 @@ from instar.errors import InstarError
 from instar.generate.procedural import FAMILIES, MAX_DIFFICULTY, heldout_problems, make_problems
 from instar.train.checkpoint import finished_summary
 from instar.train.config import TrainConfig
-from instar.train.evaluate import evaluate_math, external_arithmetic
+from instar.train import yardsticks
+from instar.train.evaluate import evaluate_math
 from instar.train.loop import Closure, Stage, autocast, fit, open_session
 from instar.train.losses import grpo_loss, group_advantages
 from instar.train.models import load_model, unwrap, wrap_lora
@@ -89,8 +90,6 @@ class Config(TrainConfig):
     eval_difficulty: int | None = Field(None, ge=1, le=MAX_DIFFICULTY, description="Held-out level (procedural); "
                                         "default: mixed levels 1..5.")
     instruction: str = Field(INSTRUCTION, description="Appended to each question ('' = the bare question).")
-    external_eval: bool = Field(False, description="Also score the hand-written external arithmetic "
-                                "(instar/evalsets) at start and end: ~10 s each on the tiny preset; on in `instar run`.")
 
     unsupported = {"max_len": "max_new_tokens and the prompt set the length",
                    "eval_batches": "eval_problems sets the held-out size",
@@ -331,7 +330,7 @@ def run(cfg: Config, store, scorer: Scorer = score) -> dict:
                   samples=lambda micros: sample_rows(micros[0]["rows"], micros[0], cfg.group_size),
                   table=grpo_samples_table, extra=lambda: {"level": cur.level, "avg": cur.avg, "history": history},
                   restore=restore, per_step=cfg.epochs,
-                  yardsticks=(lambda m: external_arithmetic(m, tok, cfg.instruction)) if cfg.external_eval else None)
+                  yardsticks=yardsticks.for_stage(cfg, tok, instruction=cfg.instruction))
     start, end = fit(s, stage)
     end = {**end, "rollout_reward": sum(history[-10:]) / max(len(history[-10:]), 1), "difficulty": cur.level}
     return s.finish(unwrap(model), tok, start=start, end=end)

@@ -7,6 +7,8 @@
     ppo_policy_loss / ppo_value_loss                      clipped PPO surrogates (Schulman et al. 2017)
     kl_penalty(logp, ref_logp)                            per-token KL estimate, k1 = log p - log q
     entropy(logits, mask)                                 mean per-token entropy of the sampling distribution
+    adaptive_kl_coef(coef, kl, target, horizon)           PPO's adaptive KL controller (Ziegler et al. 2019)
+    shaped_scores(scores, stopped, lengths, ref_length)   PPO's score with a no-EOS penalty and a length term
     group_advantages(rewards, scale)                      GRPO's group-relative advantages (Dr. GRPO: no std)
     k3_kl(logp, ref_logp)                                 per-token KL estimate k3 (Schulman 2020), >= 0
     grpo_loss(logp, old, ref, adv, mask, clip, beta, N)   clipped surrogate + beta * k3, token-level (DAPO)
@@ -134,6 +136,28 @@ def entropy(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     logp = F.log_softmax(logits.float(), dim=-1)
     ent = -(logp.exp() * logp).sum(-1)                                   # (B, T)
     return masked_mean(ent, mask)
+
+
+def adaptive_kl_coef(coef: float, kl: float, target: float, horizon: int = 10, n_steps: int = 1) -> float:
+    """The adaptive KL controller of Ziegler et al. 2019 (sec. 2.2; TRL's AdaptiveKLController):
+    e = clip(KL / target - 1, -0.2, 0.2); coef *= 1 + e * n_steps / horizon. A KL above target tightens the
+    leash, below loosens it, by at most 20% x n_steps / horizon per update, so the policy drifts at a steady rate."""
+    error = min(max(kl / target - 1.0, -0.2), 0.2)
+    return coef * (1.0 + error * n_steps / horizon)
+
+
+def shaped_scores(scores: torch.Tensor, stopped: torch.Tensor, lengths: torch.Tensor, ref_length: float,
+                  no_eos_penalty: float = 0.0, length_coef: float = 0.0) -> torch.Tensor:
+    """The reward model's score with two guards: (B,) scores, (B,) bool stopped, (B,) response tokens -> (B,).
+
+    - a response cut at the token budget without its stop token loses `no_eos_penalty` (TRL's
+      `missing_eos_penalty`): a reward model reads only the end of a response and cannot see it never ended;
+    - `length_coef * |log(length / ref_length)|` is subtracted: zero at the starting policy's mean length and
+      symmetric in the ratio (twice as long costs what half as long costs). Reward models favour length, and a
+      policy that only grows (or shrinks) its answers is gaming the score, not improving its answers."""
+    penalty = no_eos_penalty * (~stopped).float()                                       # (B,)
+    penalty = penalty + length_coef * torch.log(lengths.float().clamp(min=1) / max(ref_length, 1.0)).abs()
+    return scores - penalty
 
 
 # ---------------------------------------------------------------------------------------------------------

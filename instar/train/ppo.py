@@ -15,13 +15,20 @@ One formulation, the one of Ouyang et al. 2022 / Stiennon et al. 2020 as TRL's P
 Every log-prob that feeds a ratio or the KL is taken from logits divided by the sampling temperature, the
 distribution the tokens were actually drawn from. Padding and EOS as in SFT: the response mask covers the
 response and its `<|im_end|>`, never the prompt or padding (labels -100).
+Guards against gaming the reward model, the field's standard ones (which one mattered: README "Stage 3"):
+  * the adaptive KL controller of Ziegler et al. 2019 (`kl_target`): kl_coef follows the KL per response;
+  * `no_eos_penalty`: a response cut at `max_new_tokens` without its stop token loses this much score;
+  * `length_coef`: a length-aware score, minus length_coef * |log(length / the starting policy's length)|
+    (`losses.shaped_scores`; the starting length is its mean on the held-out prompts at the start measure).
+Prompts are split by prompt (`generate.pairs.split_by_prompt`): the val prompts are never trained on, and at the
+start and end the policy also answers the hand-written chat prompts of `yardsticks` (reward, length, repetition).
 Stops with a clear error on a non-finite loss or reward, or when the mean KL per response passes `kl_max`.
 Each step is one rollout batch per micro-batch (`grad_accum`, and one per rank under torchrun): advantages are
 whitened over all of them, and minibatch k of the step is the k-th minibatch of every one of them, so 2 ranks
 equal one process with grad_accum=2 (tested). The loop (`loop.fit`) does the rest: one optimizer step per
 minibatch, the schedule over all of them, interrupts at step boundaries, checkpoints, evals.
-Simplifications: no entropy bonus, no adaptive KL controller, no reward whitening/clipping, no penalty for
-responses cut at `max_new_tokens`; the value head is dropped at the end (model/ is the plain policy).
+Simplifications: no entropy bonus, no reward whitening/clipping; the value head is dropped at the end (model/
+is the plain policy).
 """
 
 from __future__ import annotations
@@ -34,12 +41,15 @@ import torch
 from pydantic import Field, model_validator
 
 from instar.errors import ConfigError, InstarError
+from instar.generate.pairs import stored_split
+from instar.train import yardsticks
 from instar.train.checkpoint import finished_summary
 from instar.train.config import TrainConfig
 from instar.train.loop import Closure, Stage, autocast, fit, open_session
-from instar.train.losses import entropy, gae, kl_penalty, ppo_policy_loss, ppo_value_loss, whiten
+from instar.train.losses import (adaptive_kl_coef, entropy, gae, kl_penalty, ppo_policy_loss, ppo_value_loss,
+                                 shaped_scores, whiten)
 from instar.train.models import load_model, wrap_lora
-from instar.train.sampling import attention_kernel, generate
+from instar.train.sampling import attention_kernel, generate, stopped
 from instar.train.tokens import Sampler, collate, render_chat, token_logprobs
 
 
@@ -56,7 +66,16 @@ class Config(TrainConfig):
     ppo_epochs: int = Field(4, ge=1, description="Passes over each rollout batch.")
     max_new_tokens: int = Field(48, ge=1, description="Response length cap.")
     temperature: float = Field(0.7, gt=0, description="Sampling temperature (also divides logits for log-probs).")
-    kl_coef: float = Field(0.05, ge=0, description="Per-token KL penalty to the reference, in the reward.")
+    kl_coef: float = Field(0.05, ge=0, description="Per-token KL penalty to the reference, in the reward (the "
+                           "starting value when kl_target is set).")
+    kl_target: float | None = Field(None, gt=0, description="Adaptive KL controller: steer kl_coef so the KL per "
+                                    "response tracks this (nats); unset = kl_coef stays fixed.")
+    kl_horizon: int = Field(10, ge=1, description="Controller horizon in steps: kl_coef moves at most "
+                            "20%/kl_horizon per step.")
+    no_eos_penalty: float = Field(0.0, ge=0, description="Subtracted from the score of a response cut at "
+                                  "max_new_tokens without its stop token.")
+    length_coef: float = Field(0.0, ge=0, description="Subtract length_coef * |log(length / start length)| from "
+                               "the score (start length: the starting policy's mean on the val prompts).")
     clip: float = Field(0.2, gt=0, description="Policy ratio clip range.")
     vf_clip: float = Field(0.2, gt=0, description="Value clip range around the rollout's values.")
     vf_coef: float = Field(0.1, ge=0, description="Weight of the value loss.")
@@ -77,10 +96,11 @@ class Config(TrainConfig):
 
 # --- data ------------------------------------------------------------------------------------------------
 def prompts_from_store(store, tok, split: str, max_len: int) -> tuple[list[list[int]], list[str]]:
-    """Distinct rendered prompts (ending with the assistant header) of the stored preference pairs, and
-    their last user turns (for the sample table)."""
+    """Distinct rendered prompts (ending with the assistant header) of the stored preference pairs on one side
+    of the by-prompt split (`generate.pairs.split_by_prompt`: no val prompt is ever trained on), and their last
+    user turns (for the sample table)."""
     seen, ids_out, texts = set(), [], []
-    for r in store.require("preference", split, 1):
+    for r in stored_split(store, split):
         ids = tuple(render_chat(tok, r["prompt"], add_generation_prompt=True)[0][-max_len:])
         if ids not in seen:
             seen.add(ids)
@@ -113,10 +133,13 @@ class PolicyWithValue(torch.nn.Module):
 
 @torch.no_grad()
 def rollout(policy, reference: Callable, scorer: Scorer, tok, prompts: list[list[int]], cfg: Config, seed: int,
-            device, bf16: bool) -> dict:
+            device, bf16: bool, kl_coef: float | None = None, ref_length: float | None = None) -> dict:
     """Sample one response per prompt and score it: right-padded batch + old log-probs, values, rewards, GAE
-    advantages (whitened later, over the whole step)."""
+    advantages (whitened later, over the whole step). `scores` are the reward model's, `shaped` what PPO
+    optimises (`losses.shaped_scores`); kl_coef defaults to cfg.kl_coef; without `ref_length` no length term."""
+    kl_coef = cfg.kl_coef if kl_coef is None else kl_coef
     gen = generate(policy.lm, tok, prompts, cfg.max_new_tokens, cfg.temperature, seed=seed)
+    ended = stopped(gen, tok).to(device)                   # [B] False = cut at max_new_tokens
     lengths = gen.completion_mask.sum(1).tolist()          # response tokens incl. the stop token (>= 1)
     comps = gen.completion_ids.tolist()
     seqs = [p + c[:n] for p, c, n in zip(prompts, comps, lengths)]
@@ -128,21 +151,25 @@ def rollout(policy, reference: Callable, scorer: Scorer, tok, prompts: list[list
         logp = token_logprobs(logits, batch["labels"], cfg.temperature)
         ref_logp = token_logprobs(reference(batch), batch["labels"], cfg.temperature)
         scores = scorer(batch).float()                     # [B]
+    shaped = shaped_scores(scores, ended, torch.tensor(lengths, device=device), ref_length or 1.0,
+                           cfg.no_eos_penalty, cfg.length_coef if ref_length else 0.0)   # [B]
     kl = kl_penalty(logp, ref_logp) * mask                 # [B, T]
-    rewards = -cfg.kl_coef * kl
+    rewards = -kl_coef * kl
     last = torch.tensor([len(s) - 1 for s in seqs], device=device)
-    rewards[torch.arange(len(seqs), device=device), last] += scores
+    rewards[torch.arange(len(seqs), device=device), last] += shaped
     values = values * mask
     adv, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
     return {**batch, "mask": mask, "old_logp": logp, "old_values": values, "adv": adv, "returns": returns,
-            "scores": scores, "kl": kl.sum(1), "texts": gen.texts, "lengths": lengths, "seed": seed}
+            "scores": scores, "shaped": shaped, "stopped": ended, "kl": kl.sum(1), "texts": gen.texts,
+            "lengths": lengths, "seed": seed}
 
 
 # --- loss ------------------------------------------------------------------------------------------------
-def updates(s, cfg: Config, micros: list[dict]) -> list[list[Closure]]:
+def updates(s, cfg: Config, micros: list[dict], ctl: dict) -> list[list[Closure]]:
     """ppo_epochs passes over the step's rollouts in minibatches: one optimizer step per minibatch, made of the
     k-th minibatch of every rollout batch (each reshuffled per epoch by its own seed), its loss the token mean
-    over all of them (across ranks too)."""
+    over all of them (across ranks too). With `kl_target`, the step's KL moves `ctl["kl_coef"]` for the next
+    step's rollouts (the adaptive controller)."""
     reward = s.all_mean({"r": sum(float(r["scores"].mean()) for r in micros) / len(micros)})["r"]
     kl = s.all_mean({"k": sum(float(r["kl"].mean()) for r in micros) / len(micros)})["k"]
     if not (math.isfinite(reward) and math.isfinite(kl)):
@@ -150,6 +177,8 @@ def updates(s, cfg: Config, micros: list[dict]) -> list[list[Closure]]:
     if kl > cfg.kl_max:
         raise InstarError(f"KL to the reference reached {kl:.1f} nats per response (kl_max {cfg.kl_max}): lower lr "
                           f"or raise kl_coef; the last checkpoint is in {s.ckpt}")
+    if cfg.kl_target is not None:
+        ctl["kl_coef"] = adaptive_kl_coef(ctl["kl_coef"], kl, cfg.kl_target, cfg.kl_horizon)
     n = s.all_sum([float(r["mask"].sum()) for r in micros])
     mean = s.all_sum([float((r["adv"] * r["mask"]).sum()) for r in micros]) / n
     var = s.all_sum([float(((r["adv"] - mean) ** 2 * r["mask"]).sum()) for r in micros]) / n
@@ -184,13 +213,16 @@ def minibatch_share(policy, r: dict, mb: torch.Tensor, total: float, cfg: Config
     return (pg_loss + cfg.vf_coef * vf_loss) * m.sum() / total, {k: float(v.detach()) for k, v in stats.items()}
 
 
-def metrics(micros: list[dict], sums: dict, updates_per_step: int) -> dict:
-    """The step's rollouts (reward, KL, length: `rollout_*`, apart from the held-out `reward_mean`, `kl`,
-    `response_length`) and its updates' means (losses, entropy, clip fraction)."""
+def metrics(micros: list[dict], sums: dict, updates_per_step: int, kl_coef: float) -> dict:
+    """The step's rollouts (reward, shaped score, KL, length, stop rate: `rollout_*`, apart from the held-out
+    `reward_mean`, `kl`, `response_length`), the KL coefficient its rollouts used, and its updates' means
+    (losses, entropy, clip fraction)."""
     n = len(micros)
     return {"rollout_reward": sum(float(r["scores"].mean()) for r in micros) / n,
+            "rollout_shaped": sum(float(r["shaped"].mean()) for r in micros) / n,
             "rollout_kl": sum(float(r["kl"].mean()) for r in micros) / n,
             "rollout_length": sum(sum(r["lengths"]) / len(r["lengths"]) for r in micros) / n,
+            "rollout_stop": sum(float(r["stopped"].float().mean()) for r in micros) / n, "kl_coef": kl_coef,
             **{k: v / (updates_per_step * n) for k, v in sums.items()}}
 
 
@@ -208,8 +240,7 @@ def run(cfg: Config, store, scorer: Scorer | None = None) -> dict:
 
     if (done := finished_summary(cfg.out)) is not None:
         return {**done, "already_done": True}
-    store.require("preference", "train", 1)
-    store.require("preference", "val", 1)
+    stored_split(store, "train"), stored_split(store, "val")  # both sides of the by-prompt split exist
     s = open_session("ppo", cfg, store)
     lm, tok = load_model(cfg.model, purpose="lora" if cfg.lora else "full")
     prompt_len = max(1, cfg.max_len - cfg.max_new_tokens)
@@ -236,29 +267,39 @@ def run(cfg: Config, store, scorer: Scorer | None = None) -> dict:
     s.say(f"ppo: {len(train_prompts)} train / {len(val_prompts)} val prompts, {trainable:,} trainable params"
           f"{' (LoRA, reference = adapter off)' if cfg.lora else ' (reference = frozen copy)'}")
     sampler = Sampler(len(train_prompts), cfg.batch_size, cfg.seed)
+    # What the guards read, kept by the checkpoint: the KL coefficient (moved by the controller) and the starting
+    # policy's mean response length on the val prompts (the length term's zero point, set by the start measure).
+    ctl: dict = {"kl_coef": cfg.kl_coef, "ref_length": None}
 
     def micro(i):
         idx = sampler.batch(i)
         r = rollout(policy, reference, scorer, tok, [train_prompts[j] for j in idx], cfg, cfg.seed * 1_000_003 + i,
-                    s.device, s.bf16)
-        return {**r, "questions": [questions[j] for j in idx]}
+                    s.device, s.bf16, ctl["kl_coef"], ctl["ref_length"])
+        return {**r, "questions": [questions[j] for j in idx], "kl_coef": ctl["kl_coef"]}
 
     def evaluate(_lm):
-        scores, kls, lens = [], [], []
+        scores, kls, lens, reps, ended = [], [], [], [], []
         for i in range(0, len(val_prompts), cfg.batch_size):
             r = rollout(policy, reference, scorer, tok, val_prompts[i:i + cfg.batch_size], cfg, cfg.seed + 7919 * i,
-                        s.device, s.bf16)
+                        s.device, s.bf16, ctl["kl_coef"], ctl["ref_length"])
             scores += r["scores"].tolist()
             kls += r["kl"].tolist()
             lens += r["lengths"]
-        return {"reward_mean": sum(scores) / len(scores), "kl": sum(kls) / len(kls),
-                "response_length": sum(lens) / len(lens)}
+            reps += [yardsticks.rep_n(t) for t in r["texts"]]
+            ended += r["stopped"].tolist()
+        mean = yardsticks.mean
+        if ctl["ref_length"] is None:  # the start measure: the starting policy's length
+            ctl["ref_length"] = mean(lens)
+        return {"reward_mean": mean(scores), "kl": mean(kls), "response_length": mean(lens),
+                "response_rep3": mean(reps), "stop_rate": mean(ended)}
 
     per_step = (cfg.batch_size // cfg.mini_batch_size) * cfg.ppo_epochs
-    start, end = fit(s, Stage(policy, tok, micro=micro, updates=lambda micros: updates(s, cfg, micros),
-                              evaluate=evaluate, metrics=lambda micros, sums: metrics(micros, sums, per_step),
-                              lm=policy.lm, samples=lambda micros: sample_rows(micros[0]), table=ppo_samples_table,
-                              per_step=per_step))
+    start, end = fit(s, Stage(policy, tok, micro=micro, updates=lambda micros: updates(s, cfg, micros, ctl),
+                              evaluate=evaluate, lm=policy.lm,
+                              metrics=lambda micros, sums: metrics(micros, sums, per_step, micros[0]["kl_coef"]),
+                              samples=lambda micros: sample_rows(micros[0]), table=ppo_samples_table,
+                              per_step=per_step, yardsticks=yardsticks.for_stage(cfg, tok, scorer=scorer),
+                              extra=lambda: dict(ctl), restore=ctl.update))
     return s.finish(policy.lm, tok, start=start, end=end)
 
 

@@ -9,14 +9,19 @@ Stage 0 (`model = "scratch"`): a byte-level BPE tokenizer is trained on the trai
 then a randomly initialised Llama of the chosen preset; its answers to REPORT_PROMPTS are logged as the
 report card's "before" (gibberish, as expected). Stage 1: next-token loss on packed rows of `max_len` tokens,
 documents joined by <|endoftext|>; held-out val loss and bits-per-byte at the start, every `eval_every`
-steps and at the end. Simplifications: attention is not masked at document boundaries (nanoGPT's choice;
-the separator token carries the boundary), the tail of the token stream shorter than one row is dropped.
+steps and at the end; at the start and end also the external yardsticks (`yardsticks.language`: bits per byte
+on hand-written text, greedy continuations of fixed openings). With `chat_text`, the chat conversations' text
+joins the train documents (and the tokenizer's training text); the held-out numbers stay on the `text` val
+split, comparable with runs without it. Simplifications: attention is not masked at document boundaries
+(nanoGPT's choice; the separator token carries the boundary), the tail of the token stream shorter than one
+row is dropped.
 """
 
 from __future__ import annotations
 
 from pydantic import Field, model_validator
 
+from instar.train import yardsticks
 from instar.train.checkpoint import finished_summary
 from instar.train.config import TrainConfig
 from instar.train.evaluate import score_rows
@@ -34,6 +39,8 @@ class Config(TrainConfig):
     # 1e-3: at 1M-10M params a higher peak lr converges faster in a few hundred steps; for continued
     # pretraining of a real base use ~5e-5 (3e-4 visibly damaged SmolLM2's instruction following).
     lr: float = Field(1e-3, gt=0, description="Peak learning rate.")
+    chat_text: bool = Field(False, description="Also pretrain on the stored chat conversations' text (train split, "
+                            "one document per conversation; math conversations left out).")
 
     @model_validator(mode="after")
     def _lora_needs_a_base(self):
@@ -43,6 +50,16 @@ class Config(TrainConfig):
 
 
 # --- data ------------------------------------------------------------------------------------------------
+def chat_documents(store, split: str) -> list[str]:
+    """The chat conversations of a split as plain documents, turns joined by newlines: teacher-written English
+    the pipeline already has. Math conversations (an `Answer:` line at the end) stay out: stage 1 learns
+    language, and the drills are stage 2's and 4's."""
+    from instar.train.rewards import extract_answer
+
+    return ["\n".join(m["content"] for m in r["messages"]) for r in store.records("messages", split)
+            if extract_answer(r["messages"][-1]["content"]) is None]
+
+
 def build(cfg: Config, train_texts: list[str], session):
     """(model, tokenizer): stage 0 from scratch, or a pretrained base."""
     if cfg.model != "scratch":
@@ -76,13 +93,17 @@ def run(cfg: Config, store) -> dict:
     if (done := finished_summary(cfg.out)) is not None:
         return {**done, "already_done": True}
     train_texts = [r["text"] for r in store.require("text", "train", 1)]
+    n_docs = len(train_texts)
+    if cfg.chat_text:
+        train_texts += chat_documents(store, "train")
     val_texts = [r["text"] for r in store.require("text", "val", 1)]
     s = open_session("pretrain", cfg, store)
     model, tok = build(cfg, train_texts, s)
     rows = pack_documents(tok, train_texts, cfg.max_len)
     val_rows = pack_documents(tok, val_texts, cfg.max_len)
     tbytes = token_bytes(tok)
-    s.data = {"train_docs": len(train_texts), "val_docs": len(val_texts), "train_rows": rows.shape[0],
+    s.data = {"train_docs": n_docs, "train_chats": len(train_texts) - n_docs, "val_docs": len(val_texts),
+              "train_rows": rows.shape[0],
               "val_rows": val_rows.shape[0], "seq_len": rows.shape[1], "train_tokens": rows.numel(),
               "vocab_size": len(tok), "non_embedding_params": non_embedding_params(model)}
     s.say(f"pretrain: {s.data['non_embedding_params']:,} non-embedding params, vocab {len(tok):,}, "
@@ -100,5 +121,6 @@ def run(cfg: Config, store) -> dict:
         v = score_rows(m, val_rows, tbytes, cfg.batch_size, cfg.eval_batches)
         return {"val_loss": v["loss"], "val_bpb": v["bpb"]}
 
-    start, end = fit(s, Stage(model, tok, micro=batch_at, updates=supervised(s, loss_fn), evaluate=evaluate))
+    start, end = fit(s, Stage(model, tok, micro=batch_at, updates=supervised(s, loss_fn), evaluate=evaluate,
+                              yardsticks=yardsticks.for_stage(cfg, tok, chat=False)))
     return s.finish(model, tok, start=start, end=end)

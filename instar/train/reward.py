@@ -10,7 +10,8 @@ is the head's output at the last token that is not padding (Hugging Face's own p
 renderer and cut right after the response's `<|im_end|>`, which is exactly where a PPO rollout ends, so
 the reward model is read at the same place in training and in PPO.
 Loss: Bradley-Terry, -log sigmoid(r_chosen - r_rejected) (losses.bt_loss). Held-out pairwise accuracy and
-mean margin are logged at the start, every `eval_every` steps and at the end.
+mean margin are logged at the start, every `eval_every` steps and at the end, on pairs whose PROMPTS the model
+never saw (`generate.pairs.split_by_prompt`: ~20% of prompts with all their pairs), not merely unseen pairs.
 With `lora = true` the trunk trains LoRA adapters and the fresh head trains in full (peft's `SEQ_CLS` task keeps
 a trainable copy of `score`); both are merged into the plain sequence-classification model in `model/`.
 Simplifications: no margin term, no score centring (TRL's `center_rewards_coefficient`); a reward model answers
@@ -23,6 +24,7 @@ import torch
 from pydantic import Field
 
 from instar.errors import InstarError
+from instar.generate.pairs import stored_split
 from instar.train.checkpoint import finished_summary
 from instar.train.config import TrainConfig
 from instar.train.evaluate import render_examples
@@ -41,7 +43,8 @@ class Config(TrainConfig):
     batch_size: int = Field(8, ge=1, description="Pairs per micro-batch (2x sequences).")
     max_len: int = Field(384, ge=8, description="Tokens per prompt+response (longer ones are truncated).")
 
-    unsupported = {"sample_tokens": "a reward model answers no prompts; it logs its scores of held-out pairs"}
+    unsupported = {"sample_tokens": "a reward model answers no prompts; it logs its scores of held-out pairs",
+                   "external_eval": "a reward model answers no prompts; PPO scores the chat yardsticks with it"}
 
 
 # --- data ------------------------------------------------------------------------------------------------
@@ -68,7 +71,9 @@ def cut_after_response(ids: list[int], mask: list[int]) -> Rendered:
 
 
 def pairs_from_store(store, tok, split: str, max_len: int) -> list[tuple[Rendered, Rendered]]:
-    out = render_pairs(tok, store.require("preference", split, 1), max_len)
+    """The rendered pairs of one side of the by-prompt split (`generate.pairs.split_by_prompt`): val pairs'
+    prompts never occur in training, so held-out accuracy says whether the preference carries to new prompts."""
+    out = render_pairs(tok, stored_split(store, split), max_len)
     if not out:
         raise InstarError(f"no {split} preference pair keeps a response token within max_len={max_len}")
     return out
@@ -142,8 +147,7 @@ def evaluate_pairs(rm, pairs, pad_id: int, batch_size: int, max_batches: int | N
 def run(cfg: Config, store) -> dict:
     if (done := finished_summary(cfg.out)) is not None:
         return {**done, "already_done": True}
-    store.require("preference", "train", 1)
-    store.require("preference", "val", 1)
+    stored_split(store, "train"), stored_split(store, "val")  # both sides exist, before a run row is made
     s = open_session("reward", cfg, store)
     rm, tok = load_reward_model(cfg.model)
     if cfg.lora:

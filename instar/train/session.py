@@ -121,9 +121,8 @@ class Session:
 
     def measure(self, lm, st, when: str, step: int, rows: list) -> dict:
         """Held-out metrics and the answers to REPORT_PROMPTS (or the stage's own `answers`) into `rows`."""
-        values = self.evaluate(lm, st.evaluate)
-        if st.yardsticks is not None:
-            values = {**values, **self.evaluate(lm, st.yardsticks)}
+        measures = st.evaluate if st.yardsticks is None else (lambda m: {**st.evaluate(m), **st.yardsticks(m)})
+        values = self.evaluate(lm, measures)
         rows.append(("metrics", step, values))
         with torch.no_grad(), torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []), \
                 autocast(self.device, self.bf16):

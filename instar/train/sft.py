@@ -8,7 +8,11 @@ and the assistant-only loss mask, so they cannot drift: system/user turns and th
 header are never in the loss; the assistant's words and its `<|im_end|>` are, so the model learns to stop
 even where pad == eos (labels come from the mask, never from comparing ids with pad). With `lora = true`,
 peft adapters train on every projection and are merged into a plain model in `model/`. Held-out loss on
-assistant tokens and answers to REPORT_PROMPTS are logged at the start and the end.
+assistant tokens and answers to REPORT_PROMPTS are logged at the start and the end, with the external
+yardsticks (`yardsticks.py`: replies to hand-written chat prompts, bits per byte on hand-written text).
+Mixing: a conversation whose last reply ends with an `Answer:` line is math, the others chat; `math_share` fixes
+the share of math in every batch (`MixSampler`) whatever the stored counts — `instar run` stores 20,000 math
+conversations next to ~40 chats, and as stored 99.8% of every batch is math.
 Simplifications: no packing of conversations (each row is one conversation, right-padded; a conversation
 longer than `max_len` is truncated, and dropped if no assistant token survives), no NEFTune, no loss weighting
 by turn.
@@ -16,9 +20,12 @@ by turn.
 
 from __future__ import annotations
 
+import math
+
 from pydantic import Field
 
 from instar.errors import InstarError
+from instar.train import yardsticks
 from instar.train.checkpoint import finished_summary
 from instar.train.config import TrainConfig
 from instar.train.evaluate import render_examples, score_conversations
@@ -34,15 +41,53 @@ class Config(TrainConfig):
     # 5e-4 full fine-tuning of the 1M-10M presets; ~5e-5 for SmolLM2-135M full FT, ~1e-3 for LoRA.
     lr: float = Field(5e-4, gt=0, description="Peak learning rate.")
     max_len: int = Field(384, ge=8, description="Tokens per conversation (longer ones are truncated).")
+    math_share: float | None = Field(None, ge=0, le=1, description="Share of each batch drawn from the math "
+                                     "conversations (those ending with an `Answer:` line), the rest from chat; "
+                                     "unset = as stored.")
+    continuations: bool = Field(False, description="Add the corpus documents of the same split to the chat side "
+                                "as 'Continue this text: <first sentence>' conversations "
+                                "(generate.pairs.continuation).")
 
 
 # --- data ------------------------------------------------------------------------------------------------
-def examples(store, tok, split: str, max_len: int) -> list[tuple[list[int], list[int]]]:
-    rows = store.require("messages", split, 1)
-    out = render_examples(tok, [r["messages"] for r in rows], max_len)
-    if not out:
+def examples(store, tok, split: str, max_len: int, continuations: bool = False) -> tuple[list, int]:
+    """(rendered conversations, how many of them are math): chat first, then math, so a sampler can mix the two.
+    A math conversation is one whose last reply ends with an `Answer:` line (`rewards.extract_answer`)."""
+    from instar.generate.pairs import continuation
+    from instar.train.rewards import extract_answer
+
+    rows = [r["messages"] for r in store.require("messages", split, 1)]
+    if continuations:
+        rows += [c for c in (continuation(r["text"]) for r in store.records("text", split)) if c]
+    is_math = [extract_answer(m[-1]["content"]) is not None for m in rows]
+    chat = render_examples(tok, [m for m, x in zip(rows, is_math) if not x], max_len)
+    math = render_examples(tok, [m for m, x in zip(rows, is_math) if x], max_len)
+    if not chat + math:
         raise InstarError(f"no {split} conversation keeps an assistant token within max_len={max_len}")
-    return out
+    return chat + math, len(math)
+
+
+class MixSampler:
+    """Batch i of a run with a fixed share of math: examples [0, n_chat) are chat, [n_chat, n) math; each kind
+    is drawn from its own epoch-shuffled stream (`tokens.Sampler`), the math count of batch i being
+    floor((i+1) * B * share) - floor(i * B * share), so the share holds exactly over any run of batches and
+    batch i stays a pure function of i (exact resume). Without a share, or with one kind missing, it is a
+    plain `Sampler` over everything."""
+
+    def __init__(self, n: int, n_math: int, batch_size: int, share: float | None, seed: int):
+        self.n_chat, self.batch_size = n - n_math, batch_size
+        self.share = None if share is None or n_math in (0, n) else share
+        self.plain = Sampler(n, batch_size, seed)
+        self.chat, self.math = Sampler(max(self.n_chat, 1), 1, seed), Sampler(max(n_math, 1), 1, seed + 1)
+
+    def batch(self, i: int) -> list[int]:
+        if self.share is None:
+            return self.plain.batch(i)
+        B = self.batch_size
+        m0, m1 = math.floor(i * B * self.share), math.floor((i + 1) * B * self.share)  # math drawn so far
+        c0 = i * B - m0                                                                 # chat drawn so far
+        return ([self.chat.batch(j)[0] for j in range(c0, c0 + B - (m1 - m0))]
+                + [self.n_chat + self.math.batch(j)[0] for j in range(m0, m1)])
 
 
 # --- loss ------------------------------------------------------------------------------------------------
@@ -62,19 +107,20 @@ def run(cfg: Config, store) -> dict:
     store.require("messages", "val", 1)
     s = open_session("sft", cfg, store)
     model, tok = load_model(cfg.model, purpose="lora" if cfg.lora else "full")
-    train_ex = examples(store, tok, "train", cfg.max_len)
-    val_ex = examples(store, tok, "val", cfg.max_len)
+    train_ex, train_math = examples(store, tok, "train", cfg.max_len, cfg.continuations)
+    val_ex = examples(store, tok, "val", cfg.max_len)[0]  # the stored conversations only: comparable across runs
     if cfg.lora:
         model = wrap_lora(model, cfg)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    s.data = {"train_conversations": len(train_ex), "val_conversations": len(val_ex),
+    s.data = {"train_conversations": len(train_ex), "train_math": train_math, "val_conversations": len(val_ex),
               "train_loss_tokens": sum(sum(m) for _, m in train_ex), "trainable_params": trainable,
               "base": cfg.model}
-    s.say(f"sft: {len(train_ex)} train / {len(val_ex)} val conversations, {trainable:,} trainable params"
+    s.say(f"sft: {len(train_ex)} train ({train_math} math) / {len(val_ex)} val conversations, {trainable:,} "
+          f"trainable params, math share {'as stored' if cfg.math_share is None else cfg.math_share}"
           f"{' (LoRA)' if cfg.lora else ''}")
     model = s.place(model)
 
-    sampler = Sampler(len(train_ex), cfg.batch_size, cfg.seed)
+    sampler = MixSampler(len(train_ex), train_math, cfg.batch_size, cfg.math_share, cfg.seed)
 
     def batch_at(i):
         chunk = [train_ex[j] for j in sampler.batch(i)]
@@ -83,5 +129,6 @@ def run(cfg: Config, store) -> dict:
     def evaluate(m):
         return {"val_loss": score_conversations(m, val_ex, tok.pad_token_id, cfg.batch_size, cfg.eval_batches)["loss"]}
 
-    start, end = fit(s, Stage(model, tok, micro=batch_at, updates=supervised(s, loss_fn), evaluate=evaluate))
+    start, end = fit(s, Stage(model, tok, micro=batch_at, updates=supervised(s, loss_fn), evaluate=evaluate,
+                              yardsticks=yardsticks.for_stage(cfg, tok)))
     return s.finish(model, tok, start=start, end=end)

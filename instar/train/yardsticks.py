@@ -1,0 +1,158 @@
+"""External yardsticks: what a stage taught that holds on data instar did not write and never trains on.
+
+    language(model, tok)                  -> {"ext_text_bpb", "ext_cont_distinct", "ext_cont_rep3"}    (stage 1)
+    conversation(model, tok, scorer=None) -> {"ext_chat_drill", "ext_chat_rep3", "ext_chat_distinct2",
+                                              "ext_chat_tokens", "ext_chat_stop", ["ext_chat_reward"], "ext_text_bpb"}
+    for_stage(cfg, tok, chat=True, scorer=None) -> fn(model) -> dict     a stage's `Stage.yardsticks`
+
+Every stage's own held-out set comes from the same teacher and the same prompt pools as its training data, so
+it says the stage learned its data, not that it learned something general. These sets are hand-written and
+shipped in `instar/evalsets/` (no training path reads them), and every stage measures them at its start and end
+through the loop's `Stage.yardsticks` hook (`loop.fit` -> `Session.measure`):
+- `chat_prompts.txt`: 62 everyday requests, questions, rewrites, advice and facts, unlike the teacher's pools;
+  none asks for arithmetic. Greedy replies (what `instar chat` shows at temperature 0) are measured by
+  * drill: the share that are arithmetic or carry an `Answer:` line (`is_drill`): a model swamped by math
+    answers "Who are you?" with "1 + 5 = 6 Answer: 6"; issue 14's bar is <= 0.05 after SFT;
+  * rep3: repetition inside a reply, the share of its word 3-grams that repeat an earlier 3-gram of the same
+    reply (Welleck et al. 2019's seq-rep-3; "I assistant to assistant to assistant" scores 0.5, fluent text 0);
+  * distinct2: distinct word bigrams over all bigrams of all replies (Li et al. 2016): near 0 when every
+    prompt gets the same reply;
+  * tokens: mean reply length; stop: the share of replies that end with the stop token within the budget;
+  * reward: the reward model's mean score of the replies, where a reward model exists (PPO).
+- `text.txt`: 36 short paragraphs of everyday prose, scored in bits per byte (comparable across tokenizers)
+  in rows of TEXT_LEN tokens, the same for every stage whatever its `max_len`.
+- `OPENINGS`: the starts of plain sentences, continued greedily; distinct is the share of distinct words in a
+  continuation ("pup pup pup ..." -> ~0.03), rep3 as above.
+- `arithmetic.jsonl` (with `external_eval`): greedy pass@1 and answer-line rate (`evaluate.external_arithmetic`).
+Replies and continuations get the stage's `sample_tokens` (48 unless set: the report prompts' length too).
+Words are lower-cased runs of letters, digits and apostrophes, so punctuation does not hide a loop.
+Deliberately simple: greedy decoding only (one number per model, no sampling noise), one reply per prompt.
+Cost on 2 cores (AMD EPYC Zen 3): ~2 s per measurement for the tiny preset.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Callable
+
+import torch
+
+from instar.evalsets import chat_prompts, text_paragraphs
+from instar.train.evaluate import external_arithmetic, math_prompt_form, score_rows
+from instar.train.sampling import generate, stopped
+from instar.train.tokens import collate, pack_documents, render_chat, token_bytes
+
+TEXT_LEN = 256  # tokens per row of the external text: one context length for every stage, so bpb compares
+OPENINGS = ["The old man walked", "Yesterday I went to", "She opened the window and", "In the middle of the town",
+            "When the rain stopped,", "My favourite thing to do is", "The teacher asked the children",
+            "It was a cold morning and"]
+_WORD = re.compile(r"[a-z0-9']+")
+# A drill: an "Answer:" line anywhere, a line that is only a label and a number (a math-swamped model's
+# mangled answer line, "er: -11", measured after SFT), or an arithmetic statement ("1 + 5 = 6", "12 x 3 = 36").
+_ANSWER = re.compile(r"^\s*answer\s*:|^\s*\w*\s*:\s*-?[\d.,/]+\s*$", re.IGNORECASE | re.MULTILINE)
+_SUM = re.compile(r"\d\s*[-+*/x×÷]\s*\d+(?:\.\d+)?\s*=")
+
+
+# --- measures on text (pure) -------------------------------------------------------------------------------
+def words(text: str) -> list[str]:
+    return _WORD.findall(text.lower())
+
+
+def is_drill(reply: str) -> bool:
+    """True for a math drill's reply: an `Answer:` line anywhere, a line of a label and a number only ("er: -11"),
+    or an arithmetic statement ("3 + 4 = 7")."""
+    return bool(_ANSWER.search(reply) or _SUM.search(reply))
+
+
+def rep_n(text: str, n: int = 3) -> float:
+    """Share of the word n-grams of `text` that repeat an earlier one (0 = none repeats; 0 when too short)."""
+    w = words(text)
+    grams = [tuple(w[i:i + n]) for i in range(len(w) - n + 1)]
+    return 1 - len(set(grams)) / len(grams) if grams else 0.0
+
+
+def distinct_n(texts: list[str], n: int = 2) -> float:
+    """Distinct word n-grams over all n-grams of all `texts` (1 = no n-gram repeats anywhere; 0 when empty)."""
+    grams = [tuple(w[i:i + n]) for w in map(words, texts) for i in range(len(w) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def distinct_words(text: str) -> float:
+    w = words(text)
+    return len(set(w)) / len(w) if w else 0.0
+
+
+def mean(xs) -> float:
+    xs = list(xs)
+    return sum(xs) / len(xs) if xs else 0.0
+
+
+# --- measures on a model -----------------------------------------------------------------------------------
+@torch.no_grad()
+def text_bpb(model, tok, batch_size: int = 8) -> float:
+    """Bits per byte on the hand-written paragraphs, packed in rows of TEXT_LEN (or the model's context)."""
+    length = min(TEXT_LEN, getattr(model.config, "max_position_embeddings", TEXT_LEN) or TEXT_LEN)
+    rows = pack_documents(tok, list(text_paragraphs()), length)
+    return score_rows(model, rows, token_bytes(tok), batch_size)["bpb"]
+
+
+@torch.no_grad()
+def language(model, tok, max_new_tokens: int = 48) -> dict[str, float]:
+    """Stage 1's yardsticks: bits per byte on the external text, and greedy continuations of OPENINGS."""
+    gen = generate(model, tok, list(OPENINGS), max_new_tokens, temperature=0.0)
+    return {"ext_text_bpb": text_bpb(model, tok), "ext_cont_distinct": mean(map(distinct_words, gen.texts)),
+            "ext_cont_rep3": mean(map(rep_n, gen.texts))}
+
+
+@torch.no_grad()
+def chat_replies(model, tok, prompts: list[str], max_new_tokens: int = 48, batch_size: int = 32):
+    """Greedy replies to single-turn prompts: (texts, rendered prompt+reply ids, reply masks, stopped flags)."""
+    texts, seqs, masks, ended = [], [], [], []
+    for i in range(0, len(prompts), batch_size):
+        ids = [render_chat(tok, [{"role": "user", "content": p}], add_generation_prompt=True)[0]
+               for p in prompts[i:i + batch_size]]
+        gen = generate(model, tok, ids, max_new_tokens, temperature=0.0)
+        lengths = gen.completion_mask.sum(1).tolist()
+        for p, c, n in zip(ids, gen.completion_ids.tolist(), lengths):
+            seqs.append(p + c[:n])
+            masks.append([0] * len(p) + [1] * n)
+        texts += gen.texts
+        ended += stopped(gen, tok).tolist()
+    return texts, seqs, masks, ended
+
+
+@torch.no_grad()
+def conversation(model, tok, scorer: Callable | None = None, max_new_tokens: int = 48,
+                 batch_size: int = 32) -> dict[str, float]:
+    """Stages 2-4's yardsticks: greedy replies to the held-out chat prompts, and bits per byte on the external
+    text (does a chat stage keep the language stage 1 learned?). `scorer` (PPO's reward model: a batch of
+    right-padded prompt+reply rows -> [B] scores) adds the mean reward of the replies."""
+    texts, seqs, masks, ended = chat_replies(model, tok, list(chat_prompts()), max_new_tokens, batch_size)
+    out = {"ext_chat_drill": mean(map(is_drill, texts)), "ext_chat_rep3": mean(map(rep_n, texts)),
+           "ext_chat_distinct2": distinct_n(texts), "ext_chat_tokens": mean(sum(m) for m in masks),
+           "ext_chat_stop": mean(ended)}
+    if scorer is not None:
+        device = next(model.parameters()).device
+        scores = []
+        for i in range(0, len(seqs), batch_size):
+            batch = collate(seqs[i:i + batch_size], masks[i:i + batch_size], tok.pad_token_id)
+            scores += scorer({k: v.to(device) for k, v in batch.items()}).float().tolist()
+        out["ext_chat_reward"] = mean(scores)
+    return {**out, "ext_text_bpb": text_bpb(model, tok)}
+
+
+def for_stage(cfg, tok, chat: bool = True, scorer: Callable | None = None,
+              instruction: str | None = None) -> Callable[[torch.nn.Module], dict]:
+    """A stage's `Stage.yardsticks`: `conversation` (chat stages) or `language` (stage 1), plus the external
+    arithmetic when `cfg.external_eval`, asked with `instruction` (default: the run's prompt form,
+    `evaluate.math_prompt_form`, which `instar run` keeps beside the stages)."""
+    if cfg.external_eval and instruction is None:
+        instruction = math_prompt_form(cfg.out)
+
+    def measure(model) -> dict:
+        out = (conversation(model, tok, scorer, cfg.sample_tokens) if chat
+               else language(model, tok, cfg.sample_tokens))
+        if cfg.external_eval:
+            out.update(external_arithmetic(model, tok, instruction))
+        return out
+    return measure
