@@ -204,7 +204,8 @@ def sft_math(store, cfg: PipelineConfig, grpo_cfg, console) -> int:
     from instar.train.grpo import Config as GrpoConfig
     from instar.train.rewards import save_prompt_form
 
-    grpo_cfg = grpo_cfg or GrpoConfig()
+    # A plan that stops before GRPO still asks its math the way the full plan's GRPO would ([train.grpo]).
+    grpo_cfg = grpo_cfg or validate(GrpoConfig, cfg.train.get("grpo", {}), source="[train.grpo]")
     save_prompt_form(cfg.out, grpo_cfg.instruction)
     if not cfg.data.math_sft:
         return 0

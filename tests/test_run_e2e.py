@@ -174,3 +174,18 @@ def test_math_sft_excludes_grpo_held_out_problems(store, tmp_path):
     held = {r["question"] for r in Problems(grpo, store).heldout}
     asked = {m["messages"][0]["content"] for m in store.records("messages")}
     assert n == store.count("messages") > 50 and not asked & held
+
+
+def test_a_plan_that_stops_before_grpo_asks_math_as_the_full_plan_does(store, tmp_path):
+    """`stop_after = "sft"` leaves GRPO out of the plan; the SFT math must still follow [train.grpo] (the bare
+    question and its families), not GRPO's own defaults (the instruction suffix, all seven families)."""
+    import io
+
+    from rich.console import Console
+
+    from instar.pipeline_run import load_pipeline_config, sft_math
+
+    cfg = load_pipeline_config(None, [f"out={tmp_path}", "data.math_sft=100", "stop_after=sft"])
+    sft_math(store, cfg, None, Console(file=io.StringIO()))
+    questions = [m["messages"][0]["content"] for m in store.records("messages")]
+    assert questions and not any("Answer: <number>" in q for q in questions)

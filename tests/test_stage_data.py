@@ -1,5 +1,5 @@
-"""What stages 1 and 2 train on: the chat text added to pretraining, the corpus documents as 'continue this text'
-conversations, and the SFT sampler that fixes the share of math in every batch."""
+"""What stages 1 and 2 train on: the chat text added to pretraining, and the SFT sampler that fixes the share of
+math in every batch."""
 
 import pytest
 from train_fixtures import FAST, conversations, tiny_model, tiny_tokenizer
@@ -23,22 +23,17 @@ def test_pretraining_adds_chat_conversations_but_not_math(store):
     assert all(d.startswith("What is ") and "\n" in d and " plus " in d for d in docs)  # user turn, newline, reply
 
 
-def test_sft_examples_put_chat_first_and_can_add_the_documents_as_continuations(store):
+def test_sft_examples_put_chat_first_then_math(store):
     from instar.train.sft import examples
 
     store.add("messages", conversations(40), Provenance(source="import"))
     store.add("messages", drills(40), Provenance(source="procedural"))
-    store.add("text", [{"text": f"Doc {i} starts here. " + " ".join(f"w{k}" for k in range(20)) + "."}
-                       for i in range(40)], Provenance(source="import"))
     tok = tiny_tokenizer()
-    plain, n_math = examples(store, tok, "train", 256)
-    with_docs, n_math2 = examples(store, tok, "train", 256, continuations=True)
-    n_docs = store.count("text", "train")
-    assert n_math == n_math2 == sum("Answer:" in r["messages"][-1]["content"] for r in store.records("messages", "train"))
-    assert len(with_docs) == len(plain) + n_docs
-    assert with_docs[-n_math:] == plain[-n_math:]  # math last, the documents joined the chat side
-    text = tok.decode(with_docs[len(plain) - n_math][0])
-    assert "Continue this text: Doc" in text
+    rendered, n_math = examples(store, tok, "train", 256)
+    rows = store.records("messages", "train")
+    assert n_math == sum("Answer:" in r["messages"][-1]["content"] for r in rows) > 0 and len(rendered) == len(rows)
+    assert all("Answer:" in tok.decode(ids) for ids, _ in rendered[-n_math:])
+    assert not any("Answer:" in tok.decode(ids) for ids, _ in rendered[:-n_math])
 
 
 @pytest.mark.parametrize("share", [0.0, 0.25, 0.3, 0.5, 1.0])

@@ -12,7 +12,8 @@ assistant tokens and answers to REPORT_PROMPTS are logged at the start and the e
 yardsticks (`yardsticks.py`: replies to hand-written chat prompts, bits per byte on hand-written text).
 Mixing: a conversation whose last reply ends with an `Answer:` line is math, the others chat; `math_share` fixes
 the share of math in every batch (`MixSampler`) whatever the stored counts — `instar run` stores 20,000 math
-conversations next to ~40 chats, and as stored 99.8% of every batch is math.
+conversations next to ~40 chats, and as stored 99.8% of every batch is math. (The corpus documents as "continue
+this text" conversations on the chat side, tried on the lang branch, doubled the drill replies: not kept.)
 Simplifications: no packing of conversations (each row is one conversation, right-padded; a conversation
 longer than `max_len` is truncated, and dropped if no assistant token survives), no NEFTune, no loss weighting
 by turn.
@@ -44,21 +45,15 @@ class Config(TrainConfig):
     math_share: float | None = Field(None, ge=0, le=1, description="Share of each batch drawn from the math "
                                      "conversations (those ending with an `Answer:` line), the rest from chat; "
                                      "unset = as stored.")
-    continuations: bool = Field(False, description="Add the corpus documents of the same split to the chat side "
-                                "as 'Continue this text: <first sentence>' conversations "
-                                "(generate.pairs.continuation).")
 
 
 # --- data ------------------------------------------------------------------------------------------------
-def examples(store, tok, split: str, max_len: int, continuations: bool = False) -> tuple[list, int]:
+def examples(store, tok, split: str, max_len: int) -> tuple[list, int]:
     """(rendered conversations, how many of them are math): chat first, then math, so a sampler can mix the two.
     A math conversation is one whose last reply ends with an `Answer:` line (`rewards.extract_answer`)."""
-    from instar.generate.pairs import continuation
     from instar.train.rewards import extract_answer
 
     rows = [r["messages"] for r in store.require("messages", split, 1)]
-    if continuations:
-        rows += [c for c in (continuation(r["text"]) for r in store.records("text", split)) if c]
     is_math = [extract_answer(m[-1]["content"]) is not None for m in rows]
     chat = render_examples(tok, [m for m, x in zip(rows, is_math) if not x], max_len)
     math = render_examples(tok, [m for m, x in zip(rows, is_math) if x], max_len)
@@ -107,8 +102,8 @@ def run(cfg: Config, store) -> dict:
     store.require("messages", "val", 1)
     s = open_session("sft", cfg, store)
     model, tok = load_model(cfg.model, purpose="lora" if cfg.lora else "full")
-    train_ex, train_math = examples(store, tok, "train", cfg.max_len, cfg.continuations)
-    val_ex = examples(store, tok, "val", cfg.max_len)[0]  # the stored conversations only: comparable across runs
+    train_ex, train_math = examples(store, tok, "train", cfg.max_len)
+    val_ex = examples(store, tok, "val", cfg.max_len)[0]
     if cfg.lora:
         model = wrap_lora(model, cfg)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
