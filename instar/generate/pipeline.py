@@ -230,9 +230,12 @@ def generate(store: Store, cfg: GenerateConfig, backend: Backend | None = None, 
     started, interrupted, t0 = 0, False, time.perf_counter()
 
     def handle(fut: Future) -> None:
-        seed = in_flight.pop(fut)
+        # The future leaves `in_flight` only once its outcome is stored: a Ctrl-C landing anywhere before that
+        # (it arrives in this thread at any bytecode) leaves it for the interrupt branch below to store.
+        seed = in_flight[fut]
         outcome, tokens = fut.result()  # InstarError (dead server) propagates from here
         verdict = keeper.keep(outcome, seed)
+        in_flight.pop(fut, None)
         result.add(verdict, tokens)
         if result.reasons.get(verdict) == 1:  # each new kind of rejection is reported once, above the bar
             progress.console.log(report.generate_event(verdict, outcome), markup=False, highlight=False)
@@ -258,6 +261,8 @@ def generate(store: Store, cfg: GenerateConfig, backend: Backend | None = None, 
             interrupted = True
             for fut in list(in_flight):
                 fut.cancel() or handle(fut)  # cancelled ones never started; the rest finish and are kept
+            # (an item interrupted between being stored and leaving in_flight is offered again: the store's
+            # dedup makes that a `duplicate`, not a second record)
             result.status = "interrupted"
         except InstarError:
             for fut in list(in_flight):
