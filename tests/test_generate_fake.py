@@ -188,7 +188,18 @@ def test_procedural_math_needs_no_backend_and_tops_up(store):
     assert more.accepted == 34 and not any(r.startswith("filter") for r in more.reasons)  # short is fine here
 
 
-def test_ctrl_c_stops_between_items_and_loses_nothing(store):
+@pytest.fixture
+def python_sigint():
+    """Python's own SIGINT handler, as in a fresh `instar` process: interrupt_main() does nothing while SIGINT is
+    SIG_DFL or SIG_IGN, as a native library or an earlier test in this process may leave it."""
+    import signal
+
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, old)
+
+
+def test_ctrl_c_stops_between_items_and_loses_nothing(store, python_sigint):
     n = {"calls": 0}
 
     def reply(messages):
