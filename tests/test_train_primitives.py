@@ -11,7 +11,7 @@ from instar.train.checkpoint import load_checkpoint, save_checkpoint
 from instar.train.config import TrainConfig
 from instar.train.models import merge_lora, wrap_lora
 from instar.train.sampling import generate
-from instar.train.tokens import collate, lm_loss, render_chat, stop_ids, token_logprobs
+from instar.train.tokens import collate, collate_buckets, lm_loss, render_chat, stop_ids, token_logprobs
 from train_fixtures import tiny_model, tiny_tokenizer
 
 CONVERSATION = [
@@ -108,6 +108,44 @@ def test_lm_loss_equals_transformers_loss(tok):
     ours, n = lm_loss(out.logits, batch["labels"])
     assert n == sum(mask)
     assert ours.item() == pytest.approx(out.loss.item(), abs=1e-5)
+
+
+def test_length_buckets_give_the_whole_batch_gradient_with_less_padding(tok):
+    """SFT pads each step's rows in buckets of similar length; weighted by labelled tokens (loop.supervised), the
+    buckets' gradient is the one of the batch padded as a whole."""
+    from types import SimpleNamespace
+
+    from instar.train.loop import supervised
+
+    convs = [CONVERSATION[:3], CONVERSATION, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}],
+             CONVERSATION[1:3], [{"role": "user", "content": "Say a long thing " * 12},
+                                 {"role": "assistant", "content": "a long reply that goes on " * 6}]]
+    rows = [render_chat(tok, c) for c in convs]
+    seqs, masks = [r[0] for r in rows], [r[1] for r in rows]
+    buckets = collate_buckets(seqs, masks, tok.pad_token_id, overhead=0)
+    whole = collate(seqs, masks, tok.pad_token_id)
+    assert len(buckets) > 1 and sum(b["input_ids"].numel() for b in buckets) < whole["input_ids"].numel()
+    assert sum(int(b["attention_mask"].sum()) for b in buckets) == int(whole["attention_mask"].sum())
+    assert collate_buckets(seqs, masks, tok.pad_token_id, overhead=10**6)[0]["input_ids"].shape == whole["input_ids"].shape
+
+    def loss_fn(model, batch):
+        return lm_loss(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+                       batch["labels"])[0]
+
+    def grads(batch):
+        model = tiny_model(tok)
+        session = SimpleNamespace(device=torch.device("cpu"), world=1)
+        total = 0.0
+        for closure in supervised(session, loss_fn)([batch])[0]:
+            loss, stats = closure(model)
+            loss.backward()
+            total += stats["loss"]
+        return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]), total
+
+    g_whole, loss_whole = grads(whole)
+    g_buckets, loss_buckets = grads(buckets)
+    assert loss_buckets == pytest.approx(loss_whole, rel=1e-5)
+    assert torch.allclose(g_buckets, g_whole, atol=1e-6, rtol=1e-4)
 
 
 def test_batched_generation_matches_one_by_one(tok):

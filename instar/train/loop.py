@@ -109,18 +109,32 @@ class Stage:
 
 def supervised(s: Session, loss_fn: Callable) -> Callable[[list], list[list[Closure]]]:
     """`updates` of the stages that learn from fixed batches: one optimizer step over the step's micro-batches,
-    each in the loss as its mean loss / (grad_accum x world)."""
-    def updates(batches: list[dict]) -> list[list[Closure]]:
-        return [[lambda model, b=b: _batch_share(s, loss_fn, model, b, len(batches)) for b in batches]]
+    each in the loss as its mean loss / (grad_accum x world). A micro-batch may be a list of buckets of one batch
+    (`tokens.collate_buckets`): each bucket's mean loss then counts by its share of the batch's labelled tokens,
+    so the gradient is the whole batch's token mean, as if it had been padded as one."""
+    def updates(batches: list) -> list[list[Closure]]:
+        closures = []
+        for b in batches:
+            parts = b if isinstance(b, list) else [b]
+            closures += [lambda model, p=p, w=w: _batch_share(s, loss_fn, model, p, len(batches), w)
+                         for p, w in zip(parts, label_shares(parts))]
+        return [closures]
     return updates
 
 
-def _batch_share(s: Session, loss_fn, model, batch: dict, accum: int):
+def label_shares(parts: list[dict]) -> list[float]:
+    """Each bucket's share of the labelled tokens (those `tokens.lm_loss` averages over); equal without labels."""
+    counts = [int((p["labels"][:, 1:] != -100).sum()) if "labels" in p else 0 for p in parts]
+    total = sum(counts)
+    return [c / total for c in counts] if total else [1 / len(parts)] * len(parts)
+
+
+def _batch_share(s: Session, loss_fn, model, batch: dict, accum: int, weight: float = 1.0):
     batch = {k: v.to(s.device) for k, v in batch.items()}
     with attention_kernel(s.device, batch["input_ids"].shape[1]):
         loss = loss_fn(model, batch)
     tokens = int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
-    return loss / (accum * s.world), {"loss": float(loss.detach()) / accum, "tokens": tokens}
+    return loss * weight / (accum * s.world), {"loss": float(loss.detach()) * weight / accum, "tokens": tokens}
 
 
 # --- the loop -----------------------------------------------------------------------------------------------------

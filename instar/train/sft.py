@@ -14,7 +14,9 @@ Mixing: a conversation whose last reply ends with an `Answer:` line is math, the
 the share of math in every batch (`MixSampler`) whatever the stored counts — `instar run` stores 20,000 math
 conversations next to ~40 chats, and as stored 99.8% of every batch is math. (The corpus documents as "continue
 this text" conversations on the chat side, tried on the lang branch, doubled the drill replies: not kept.)
-Simplifications: no packing of conversations (each row is one conversation, right-padded; a conversation
+Batches: each step's conversations are sorted by length and padded in buckets (`tokens.collate_buckets`), so a
+long chat conversation no longer pads the short math ones of its batch to its length; the gradient is the
+batch's all the same. Simplifications: no packing of conversations (each row is one conversation; a conversation
 longer than `max_len` is truncated, and dropped if no assistant token survives), no NEFTune, no loss weighting
 by turn.
 """
@@ -32,7 +34,7 @@ from instar.train.config import TrainConfig
 from instar.train.evaluate import render_examples, score_conversations
 from instar.train.loop import Stage, fit, open_session, supervised
 from instar.train.models import load_model, wrap_lora
-from instar.train.tokens import Sampler, collate, lm_loss, scored_positions
+from instar.train.tokens import Sampler, collate_buckets, lm_loss, scored_positions
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -119,7 +121,7 @@ def run(cfg: Config, store) -> dict:
 
     def batch_at(i):
         chunk = [train_ex[j] for j in sampler.batch(i)]
-        return collate([c[0] for c in chunk], [c[1] for c in chunk], tok.pad_token_id)
+        return collate_buckets([c[0] for c in chunk], [c[1] for c in chunk], tok.pad_token_id)
 
     def evaluate(m):
         return {"val_loss": score_conversations(m, val_ex, tok.pad_token_id, cfg.batch_size, cfg.eval_batches)["loss"]}
