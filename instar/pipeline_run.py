@@ -70,6 +70,9 @@ class DataConfig(StrictConfig):
     math_sft: int = Field(20000, ge=0, description="Procedural math conversations for SFT (generate/sft_math.py): "
                           "arithmetic and story problems of levels 1-5 with worked steps (columns for bigger numbers), "
                           "then 'Answer: N' — GRPO's families and prompt form, its held-out problems excluded.")
+    corpus_requests: bool = Field(True, description="Each corpus document with a topic also becomes an SFT chat "
+                                  "conversation: a request about its topic, answered by the document "
+                                  "(generate/requests.py; no generation cost, more chat beside `instructions`).")
     math: int = Field(0, ge=0, description="Target stored `math` records (GRPO with train.grpo.source = 'store').")
     math_source: Literal["procedural", "llm", "rephrase"] = Field(
         "procedural", description="Math: procedural (no LLM), llm, or rephrase (procedural, reworded by the teacher).")
@@ -169,9 +172,15 @@ def top_up(store, cfg: PipelineConfig, grpo_cfg, console) -> dict[str, int]:
         steering(GenerateConfig(kind="instructions", count=1, topics=d.topics, topics_file=d.topics_file,
                                 documents=d.documents))
     # First: these conversations also fill the messages val split; they do not count toward `instructions`.
-    n_math = sft_math(store, cfg, grpo_cfg, console)
+    derived = sft_math(store, cfg, grpo_cfg, console)  # conversations instar writes itself: not instructions
     for kind in ("corpus", "instructions", "preferences", "math"):
-        target = getattr(d, kind) + (n_math if kind == "instructions" and getattr(d, kind) else 0)
+        if kind == "instructions" and d.corpus_requests:  # the corpus is complete now
+            from instar.generate.requests import topic_requests
+
+            derived += (n := topic_requests(store, cfg.seed))
+            if n:
+                console.print(f"corpus documents as chat requests about their topics: {n}")
+        target = getattr(d, kind) + (derived if kind == "instructions" and getattr(d, kind) else 0)
         if target == 0 or store.count(KIND_OF[kind]) >= target:
             continue
         if kind == "preferences" and d.preference_source == "procedural":

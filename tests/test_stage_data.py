@@ -71,12 +71,12 @@ def test_sft_with_a_math_share_trains_on_that_mix(store, tmp_path, monkeypatch):
     store.add("messages", drills(60), Provenance(source="procedural"))
     tok = tiny_tokenizer()
     save_model(tiny_model(tok), tok, tmp_path / "base" / "model")
-    seen, real = [], sft.collate
+    seen, real = [], sft.collate_buckets
 
     def spy(seqs, masks, pad):
         seen.extend(tok.decode(s) for s in seqs)
         return real(seqs, masks, pad)
-    monkeypatch.setattr(sft, "collate", spy)
+    monkeypatch.setattr(sft, "collate_buckets", spy)
     summary = run_stage("sft", None, FAST + [f"model={tmp_path}/base", f"out={tmp_path}/sft", "max_steps=3",
                                              "math_share=0", "eval_every=0", "sample_tokens=2"], store)
     assert summary["data"]["train_math"] == sum("Answer:" in r["messages"][-1]["content"]

@@ -188,13 +188,13 @@ class Store:
 
     def iter_rows(self, kind: str | None = None, split: str | None = None,
                   limit: int | None = None) -> Iterator[dict]:
-        """Stream stored rows (id, kind, split, source, data as a dict) ordered by kind, then id."""
+        """Stream stored rows (id, kind, split, source, topic, data as a dict) ordered by kind, then id."""
         where, args = self._where(kind, split)
-        sql = f"select id, kind, split, source, data from records{where} order by kind, id"
+        sql = f"select id, kind, split, source, topic, data from records{where} order by kind, id"
         if limit is not None:
             sql += f" limit {int(limit)}"
-        for rid, k, sp, source, data in self.db.execute(sql, args):
-            yield {"id": rid, "kind": k, "split": sp, "source": source, "data": json.loads(data)}
+        for rid, k, sp, source, topic, data in self.db.execute(sql, args):
+            yield {"id": rid, "kind": k, "split": sp, "source": source, "topic": topic, "data": json.loads(data)}
 
     def stats(self) -> dict:
         """Plain numbers for `instar data stats`: counts by kind x split and by source, lengths, failures."""

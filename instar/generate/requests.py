@@ -1,0 +1,44 @@
+"""The corpus as chat: each teacher-written document becomes the answer to a request about its topic.
+
+    topic_requests(store, seed=0)            -> conversations now stored (one per document with a topic)
+    topic_request("The sea is ...", "the sea", 3) -> [user "Tell me about the sea.", assistant "The sea is ..."]
+
+The teacher wrote every corpus document for a prompt about a topic (`prompts.CORPUS`: "Write {style} about
+{topic} for {audience}..."), so "Tell me about {topic}." answered with that document is a true request and answer,
+at no generation cost: ~80 more chat conversations beside the ~40 the teacher writes as instructions, on topics
+those do not cover. Measured on the default run's data (tiny preset, 300 SFT steps of 32 at math_share 0.5,
+Zen 3; the same store with and without them): replies to the 66 hand-written chat prompts with repeated 3-grams
+0.107 -> 0.010, distinct bigrams 0.48 -> 0.71, bits per byte on the hand-written text 5.23 -> 4.47; drill replies
+0.34 -> 0.39 (2-3 of 62 prompts, within noise). The request's wording varies (REQUESTS) so the student learns
+the topic, not one sentence pattern. Documents imported by the user (`instar data import`) carry no topic and
+are left out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+from instar.datasets.store import Provenance
+
+REQUESTS = ["Tell me about {topic}.", "Write a short text about {topic}.", "Can you write a few sentences about "
+            "{topic}?", "Describe {topic} in simple words.", "I'd like to read something about {topic}.",
+            "Say something about {topic}.", "Write a little about {topic} for me.", "What can you tell me about "
+            "{topic}?"]
+TEMPLATE = "topic-request-v1"
+
+
+def topic_request(text: str, topic: str, seed: int) -> list[dict]:
+    """The conversation of one document: a request (its wording drawn from the text and seed) and the text."""
+    k = int(hashlib.sha256(f"{seed}:{text}".encode()).hexdigest()[:8], 16)
+    return [{"role": "user", "content": REQUESTS[k % len(REQUESTS)].format(topic=topic)},
+            {"role": "assistant", "content": text}]
+
+
+def topic_requests(store, seed: int) -> int:
+    """Store the conversation of every stored `text` record that has a topic; return how many are stored now
+    (already stored ones count: the store skips duplicates)."""
+    rows = [(r["data"]["text"], r["topic"]) for r in store.iter_rows("text") if r.get("topic")]
+    for text, topic in rows:
+        store.add("messages", [{"messages": topic_request(text, topic, seed)}],
+                  Provenance(source="procedural", template=TEMPLATE, seed=seed, topic=topic))
+    return len(rows)
