@@ -29,7 +29,7 @@ import torch
 from instar.errors import InstarError
 from instar.train.rewards import INSTRUCTION, math_prompt, score
 from instar.train.sampling import generate, stopped
-from instar.train.tokens import collate, pack_documents, render_chat, token_bytes, token_logprobs
+from instar.train.tokens import collate, label_count, pack_documents, render_chat, token_bytes, token_logprobs
 
 
 # --- scoring primitives ----------------------------------------------------------------------------------
@@ -67,7 +67,7 @@ def score_conversations(model, examples: list[tuple[list[int], list[int]]], pad_
         labels = batch["labels"].to(device)
         lp = token_logprobs(logits, labels)
         nll_sum += -float(lp.sum())
-        n_tok += int((labels[:, 1:] != -100).sum())
+        n_tok += label_count(labels)
     return {"loss": nll_sum / max(n_tok, 1), "tokens": n_tok}
 
 

@@ -40,6 +40,7 @@ from instar.errors import InstarError
 from instar.train.config import TrainConfig
 from instar.train.sampling import attention_kernel
 from instar.train.session import Session, autocast, open_session, rng_state, set_rng_state, sum_across_ranks
+from instar.train.tokens import label_count
 
 __all__ = ["Stage", "fit", "supervised", "open_session", "autocast", "make_optimizer", "make_scheduler",
            "optimizer_step"]  # what stages import from here (open_session and autocast live in session.py)
@@ -124,7 +125,9 @@ def supervised(s: Session, loss_fn: Callable) -> Callable[[list], list[list[Clos
 
 def label_shares(parts: list[dict]) -> list[float]:
     """Each bucket's share of the labelled tokens (those `tokens.lm_loss` averages over); equal without labels."""
-    counts = [int((p["labels"][:, 1:] != -100).sum()) if "labels" in p else 0 for p in parts]
+    if len(parts) == 1:  # a plain micro-batch: nothing to count
+        return [1.0]
+    counts = [label_count(p["labels"]) if "labels" in p else 0 for p in parts]
     total = sum(counts)
     return [c / total for c in counts] if total else [1 / len(parts)] * len(parts)
 

@@ -9,6 +9,7 @@
     Sampler(n, batch_size, seed).batch(i)  example indices of the i-th batch (reshuffled per epoch, pure in i)
     token_logprobs(logits, labels, temperature=1.0, positions=None) -> [B, T]: logp[b, t] = log p(labels[b, t] | labels[b, :t])
     lm_loss(logits, labels, positions=None)  mean next-token cross-entropy over labels != -100 (on token_logprobs)
+    label_count(labels) -> int  how many labels lm_loss averages over (the predicted ones: position 0 never is)
     scored_positions(labels) -> [K]  positions whose logits score a label: model(..., logits_to_keep=them)
 
 Alignment convention (the classic off-by-one): masks and labels are always aligned with `input_ids`; the one
@@ -210,9 +211,14 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: floa
     return out
 
 
+def label_count(labels: torch.Tensor) -> int:
+    """How many labels a loss over `labels` scores: those != -100 except position 0, which nothing predicts."""
+    return int((labels[:, 1:] != -100).sum())
+
+
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor | None = None
             ) -> tuple[torch.Tensor, int]:
     """(mean next-token cross-entropy over labels != -100 except position 0, number of such tokens).
     `logits` over every position, or at `positions` only (see token_logprobs)."""
-    n = int((labels[:, 1:] != -100).sum())
+    n = label_count(labels)
     return -token_logprobs(logits, labels, positions=positions).sum() / max(n, 1), n  # 0 off the labels
