@@ -7,7 +7,9 @@
 Four parts, each printed as a markdown table (copied into bench/README.md):
   batched   side by side in one run: accepted records per minute for corpus and instructions, one item at a
             time as instar did before issue 13 (llama-cpp-python's `create_chat_completion`, the grammar over
-            the whole vocabulary every token) vs the batched decoder with N sequences (`--slots`).
+            the whole vocabulary every token, the wheel's Q4_1 file) vs the batched decoder with N sequences
+            (`--slots`): first as it was (one lane of every core, Q4_1), then as `instar generate` runs it now
+            (`decoder_lanes`' lanes of one thread each, the Q8_0 teacher of `embedded_teacher`).
   decode    constrained (JSON-schema grammar) vs free decoding: valid outputs per second for the output
             model of each kind, same prompts and seeds in both modes. "Valid" = parses into the outputs.py model.
   kinds     accepted records per minute for each kind, through the whole pipeline (`generate`).
@@ -32,8 +34,8 @@ from rich.console import Console
 
 from instar.datasets.store import Store
 from instar.generate import prompts as P
-from instar.generate.backends import (FakeBackend, Generation, LlamaCppBackend, embedded_model_path,
-                                     import_llama_cpp, schema_grammar)
+from instar.generate.backends import (FakeBackend, Generation, LlamaCppBackend, decoder_lanes, embedded_model_path,
+                                     embedded_teacher, import_llama_cpp, schema_grammar)
 from instar.generate.pipeline import GenerateConfig, generate
 from instar.generate.recipes import Ask, Rejected
 from instar.schemas.outputs import Document, InstructionPair, WordProblem
@@ -90,14 +92,20 @@ class OneAtATime:
 
 def batched(n: int, slots: list[int], kinds_: list[str]) -> None:
     """Before/after in one run: one at a time vs the batched decoder, same kinds, seeds and item counts."""
-    path = embedded_model_path()
+    path, teacher, cores = embedded_model_path(), embedded_teacher(), os.cpu_count() or 1
+    rows = [("one at a time (before)", lambda: OneAtATime(path), 1)]
+    for k in slots:
+        lanes, threads = decoder_lanes(k, cores)
+        rows += [(f"batched, {k} sequences, 1 lane x {cores} threads, Q4_1",
+                  lambda k=k: LlamaCppBackend(path, name="embedded", slots=k, lanes=1), k),
+                 (f"batched, {k} sequences, {lanes} lanes x {threads} threads, Q8_0 (now)",
+                  lambda k=k: LlamaCppBackend(teacher, name="embedded", slots=k), k)]
     print("| kind | decoding | accepted | tried | minutes | records/min | tok/s | speed-up | top rejection reasons |\n"
           "|---|---|---|---|---|---|---|---|---|")
     for kind in kinds_:
         base = None
-        for label, backend, workers in [("one at a time (before)", OneAtATime(path), 1),
-                                        *[(f"batched, {k} sequences", LlamaCppBackend(path, name="embedded", slots=k), k)
-                                          for k in slots]]:
+        for label, make, workers in rows:
+            backend = make()
             with tempfile.TemporaryDirectory() as tmp:
                 store = Store.open(Path(tmp) / "bench.db")
                 t0 = time.perf_counter()

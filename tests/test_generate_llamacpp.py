@@ -13,14 +13,15 @@ import pytest
 from instar.datasets.store import validate_record
 from instar.errors import InstarError
 from instar.generate import backends
-from instar.generate.backends import LlamaCppBackend, embedded_model_path, schema_grammar
+from instar.generate.backends import (TEACHER_FILE, LlamaCppBackend, decoder_lanes, embedded_model_path,
+                                     embedded_teacher, schema_grammar)
 from instar.generate.pipeline import GenerateConfig, generate
 from instar.schemas.outputs import Document, InstructionPair, json_schema
 
 
 @pytest.fixture(scope="module")
 def embedded():
-    return LlamaCppBackend(embedded_model_path(), name="embedded", n_ctx=2048)
+    return LlamaCppBackend(embedded_teacher(), name="embedded", n_ctx=2048)
 
 
 def outcomes(store, run_id):
@@ -40,7 +41,7 @@ def test_every_kind_ends_as_records_or_reasoned_failures(store, embedded, kind, 
     assert result.attempts == min(attempts, len(recs) + len(fails)) and result.attempts >= 1
     for rkind, data, backend, model, template, seed in recs:
         validate_record(rkind, json.loads(data))
-        assert (backend, model) == ("embedded", "SmolLM2-135M-Instruct.Q4_1.gguf") and template and seed is not None
+        assert (backend, model) == ("embedded", TEACHER_FILE) and template and seed is not None
     for reason, raw in fails:
         assert reason and raw is not None
     assert result.tokens > 0 and result.status in ("done", "stopped")
@@ -122,15 +123,42 @@ def test_batched_requests_are_deterministic_and_each_keeps_its_own_schema(embedd
             assert out.completion_tokens == 60
 
 
-def test_the_same_items_come_out_whatever_the_batch_size(tmp_path):
-    """`--concurrency 1` and `--concurrency 3` store the same records and failures for the same seeds."""
+def test_the_same_items_come_out_whatever_the_batch_size_or_lane(tmp_path):
+    """`--concurrency 1` and `--concurrency 3` store the same records and failures for the same seeds; so do two
+    runs with two decoder lanes, whichever lane each request happened to reach (both lanes serve)."""
     from instar.datasets.store import Store
 
-    seen = []
-    for slots in (1, 3):
-        store = Store.open(tmp_path / f"s{slots}.db")
-        generate(store, GenerateConfig(kind="instructions", count=3, max_attempts=3, concurrency=slots,
-                                       max_tokens=60), backend=LlamaCppBackend(embedded_model_path(), slots=slots))
-        seen.append((sorted(json.dumps(r) for r in store.records("messages")),
-                     sorted(r for (r,) in store.db.execute("select reason from failures"))))
-    assert seen[0] == seen[1] and len(seen[0][0]) + len(seen[0][1]) == 3
+    def items(name, slots, lanes=None):
+        store = Store.open(tmp_path / f"{name}.db")
+        backend = LlamaCppBackend(embedded_teacher(), slots=slots, lanes=lanes)
+        generate(store, GenerateConfig(kind="instructions", count=4, max_attempts=4, concurrency=slots,
+                                       max_tokens=60), backend=backend)
+        return backend, (sorted(json.dumps(r) for r in store.records("messages")),
+                         sorted(r for (r,) in store.db.execute("select reason from failures")))
+
+    one, three = items("one", 1)[1], items("three", 3)[1]
+    assert one == three and len(one[0]) + len(one[1]) == 4
+    (first, a), (_, b) = items("lanes-a", 4, lanes=2), items("lanes-b", 4, lanes=2)
+    assert a == b and len(first._decoder) == 2 and all(lane.served for lane in first._decoder)
+
+
+def test_lanes_one_per_core_while_each_batches_enough():
+    assert decoder_lanes(8, 2) == (2, 1)  # this project's machines: two single-thread lanes of 4
+    assert decoder_lanes(8, 16) == (2, 8) and decoder_lanes(32, 4) == (4, 1)
+    assert decoder_lanes(3, 2) == (1, 2) and decoder_lanes(1, 8) == (1, 8)  # too few to split: every core
+    assert decoder_lanes(8, 2, lanes=1) == (1, 2) and decoder_lanes(2, 4, lanes=8) == (2, 2)
+
+
+def test_the_embedded_teacher_is_written_once_as_q8_0_or_falls_back(tmp_path, monkeypatch):
+    import gguf
+
+    monkeypatch.setenv("INSTAR_CACHE", str(tmp_path / "cache"))
+    path = embedded_teacher()
+    assert path == tmp_path / "cache" / TEACHER_FILE and not list(path.parent.glob("*.partial"))
+    types = {t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
+    assert "Q8_0" in types and "Q4_1" not in types
+    stamp = path.stat().st_mtime_ns
+    assert embedded_teacher() == path and path.stat().st_mtime_ns == stamp  # kept, not rewritten
+    (tmp_path / "blocked").write_text("a file where the cache folder should be")
+    monkeypatch.setenv("INSTAR_CACHE", str(tmp_path / "blocked"))
+    assert embedded_teacher() == embedded_model_path()  # cannot write the cache: the wheel's Q4_1 serves

@@ -19,12 +19,18 @@ Two choices carry the speed (measured in bench/README.md, "Data generation"):
 Deterministic: the KV cache is split per sequence (`kv_unified = False`) and every prompt is evaluated in a call
 of its own, so a sequence's logits are bit-identical whether it runs alone or beside 7 others (measured with
 llama-cpp-python 0.3.36 on this CPU; `--concurrency 1, 3 and 6` stored the same records for the same seeds).
-The same (prompt, seed) gives the same text however requests happen to be batched.
+The same (prompt, seed) gives the same text however requests happen to be batched, and in whichever lane
+(`backends.decoder_lanes`: the backend may run several decoders side by side, each with the same thread count).
+With the Q8_0 teacher one lane of two threads and two lanes of one thread also stored the same records; with the
+Q4_1 file they did not (the thread count changed some logits), so records are tied to lanes x threads there.
 
-Where the time goes (AMD EPYC Zen 3, 2 cores, shared): for SmolLM2-135M Q4_1 a prompt token costs a large
-part of a generated one (a 120-token prompt took 6.5-8.1 s in llama.cpp's default 512-token micro-batches and
-1.5-2.1 s in the 64-token ones used here, one token ~20-50 ms, all under load), and a step over 8 sequences
-~4-5x a step over one; prompts are ~110 tokens and outputs 70-200, so prompts bound what batching can win. Tried and
+Where the time goes (AMD EPYC Zen 3, 2 cores, quiet, 32 instruction items of ~110 prompt and ~80 generated
+tokens): with the Q4_1 file a 110-token prompt took 480-650 ms on two threads (llama.cpp has no fast x86 kernel
+for Q4_1), with Q8_0 ~290 ms (tinyBLAS); a step over 8 sequences costs 50-75 ms in a loop that does nothing else
+but ~100 ms in the pipeline: the Python sampling between steps lets the second OpenMP thread fall asleep
+(OMP_WAIT_POLICY=PASSIVE, `runtime.py`) and waking it inside the step costs (a 4 ms pause between steps of the
+plain loop: 74 -> 100 ms). Hence lanes of one thread: no barriers at all, and one lane's Python work overlaps
+the other lane's decoding (32 items: 59.9 s with one lane of 2 threads, 45.4 s with two of one). Tried and
 left out: caching shared prompt prefixes (restoring saved KV cells changed later logits, and the prompt layouts
 with a long shared prefix made the 135M teacher ramble: 3-4 of 8 instruction items accepted instead of 7).
 Simplifications: one sampling recipe (top-k 40, top-p 0.95, min-p 0.05, temperature, seeded draw; greedy at
@@ -85,9 +91,10 @@ class _Sequence:
 
 
 class BatchDecoder:
-    """One llama.cpp context with `slots` sequences, driven by one thread; `run` is thread-safe and blocks."""
+    """One llama.cpp context with `slots` sequences, driven by one thread; `run` is thread-safe and blocks.
+    `threads`: llama.cpp's compute threads for this context (default: every core)."""
 
-    def __init__(self, llm, *, slots: int, n_ctx: int):
+    def __init__(self, llm, *, slots: int, n_ctx: int, threads: int | None = None):
         import llama_cpp as L
 
         # A call holds one whole prompt (< n_ctx tokens) or one token of every sequence.
@@ -101,7 +108,7 @@ class BatchDecoder:
         # Micro-batches of 64 tokens, not llama.cpp's 512: a 120-token prompt took 1.5-2.1 s in micro-batches of
         # 8-64 and 6.5-8.1 s in one of 512 (medians of 4, this CPU, loaded). 64 >= the sequences of a decode step.
         cp.n_batch, cp.n_ubatch = n_batch, max(64, slots)
-        cp.n_threads = cp.n_threads_batch = os.cpu_count() or 1
+        cp.n_threads = cp.n_threads_batch = threads or os.cpu_count() or 1
         self.ctx = L.llama_init_from_model(self.model, cp)
         if not self.ctx:
             raise RuntimeError(f"llama.cpp could not create a context for {slots} sequences of {n_ctx} tokens")
@@ -111,6 +118,8 @@ class BatchDecoder:
                                                            ("p", np.float32)]))
         self._one = (L.llama_token_data * 1)()
         self._pending: list[_Request] = []
+        self.load = 0  # requests given to this decoder and not yet answered (the backend balances on it)
+        self.served = 0  # requests answered
         self._cv = threading.Condition()
         self._thread = threading.Thread(target=self._loop, name="llama-batch", daemon=True)
         self._thread.start()
@@ -123,6 +132,7 @@ class BatchDecoder:
             self._pending.append(req)
             self._cv.notify()
         req.done.wait()
+        self.served += 1
         if req.error is not None:
             raise req.error
         return req.out, req.finish
