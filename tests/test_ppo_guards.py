@@ -70,3 +70,41 @@ def test_ppo_runs_its_guards_and_logs_them(world, tmp_path):
     state = torch.load(tmp_path / "ppo" / "checkpoint" / "state.pt", weights_only=True)
     assert state["extra"]["ref_length"] == pytest.approx(summary["start"]["response_length"])
     assert state["extra"]["kl_coef"] == pytest.approx(coefs[-1] * (1.1 if kls[-1] > 0.01 else 0.9))  # after step 4
+
+
+def test_ppo_ptx_keeps_what_sft_taught(world, tmp_path):
+    """PPO-ptx: with ptx_coef the policy's SFT loss on the stored conversations ends lower than after the same PPO
+    run without it (same seeds, a planted reward that pulls the policy away), and the ptx loss is logged."""
+    import sqlite3
+
+    from instar.datasets.store import Provenance, Store
+    from instar.train import ppo
+    from instar.train.evaluate import score_conversations
+    from instar.train.models import load_model
+    from instar.train.sft import examples
+
+    src, base = world
+    copy = sqlite3.connect(tmp_path / "instar.db")
+    src.db.conn.backup(copy)  # the shared world stays as it is
+    copy.close()
+    store = Store.open(tmp_path / "instar.db")
+    talks = [{"messages": [{"role": "user", "content": p["prompt"][0]["content"]},
+                           {"role": "assistant", "content": p["rejected"]}]} for p in store.records("preference")[:80]]
+    store.add("messages", talks, Provenance(source="import"))
+    tok = load_model(base)[1]
+    convs = examples(store, tok, "train", 64)[0]
+
+    def sft_loss_after(ptx_coef):
+        out = tmp_path / f"ptx{ptx_coef}"
+        cfg = load_stage_config("ppo", None, [f"model={base}", f"out={out}", "max_steps=6", "lr=1e-2", "warmup=0",
+                                              "batch_size=8", "mini_batch_size=4", "ppo_epochs=2", "max_new_tokens=6",
+                                              "temperature=1.0", "eval_batches=1", "sample_tokens=4",
+                                              f"ptx_coef={ptx_coef}", "ptx_batch=8"])
+        summary = ppo.run(cfg, store, scorer=planted_scorer(tok))
+        logged = runs.metric_series(store, summary["run_id"], "ptx_loss")
+        return score_conversations(load_model(out)[0], convs, tok.pad_token_id, 16, 8)["loss"], logged
+
+    plain, plain_logged = sft_loss_after(0.0)
+    kept, kept_logged = sft_loss_after(2.0)
+    assert not plain_logged and len(kept_logged) == 6
+    assert kept < plain - 0.05, (kept, plain)

@@ -20,6 +20,10 @@ Guards against gaming the reward model, the field's standard ones (which one mat
   * `no_eos_penalty`: a response cut at `max_new_tokens` without its stop token loses this much score;
   * `length_coef`: a length-aware score, minus length_coef * |log(length / the starting policy's length)|
     (`losses.shaped_scores`; the starting length is its mean on the held-out prompts at the start measure).
+Against the "alignment tax" (PPO on chat prompts cost the SFT model 3-4 points of arithmetic in every default run
+measured): PPO-ptx of Ouyang et al. 2022, `ptx_coef` x the SFT loss on `ptx_batch` stored conversations added
+to every update (InstructGPT mixed in pretraining text; here the stored SFT conversations, mostly math in `instar
+run`, are what the regression was measured on).
 Prompts are split by prompt (`generate.pairs.split_by_prompt`): the val prompts are never trained on, and at the
 start and end the policy also answers the hand-written chat prompts of `yardsticks` (reward, length, repetition).
 Stops with a clear error on a non-finite loss or reward, or when the mean KL per response passes `kl_max`.
@@ -50,6 +54,8 @@ from instar.train.losses import (adaptive_kl_coef, entropy, gae, kl_penalty, ppo
                                  shaped_scores, whiten)
 from instar.train.models import load_model, wrap_lora
 from instar.train.sampling import attention_kernel, generate, stopped
+from instar.train.sft import examples as sft_examples
+from instar.train.sft import loss_fn as sft_loss
 from instar.train.tokens import Sampler, collate, render_chat, token_logprobs
 
 
@@ -82,6 +88,10 @@ class Config(TrainConfig):
     gamma: float = Field(1.0, gt=0, le=1, description="Discount (1: a response is one short episode).")
     lam: float = Field(0.95, ge=0, le=1, description="GAE lambda.")
     kl_max: float = Field(20.0, gt=0, description="Stop when the mean KL of a response to the reference exceeds this (nats).")
+    ptx_coef: float = Field(0.0, ge=0, description="PPO-ptx: add ptx_coef x the SFT loss on stored conversations "
+                            "to every update, so PPO keeps what SFT taught (0 = off).")
+    ptx_batch: int = Field(8, ge=1, description="Stored conversations (train split, drawn at random) per update "
+                           "and rollout batch for the ptx term.")
     max_len: int = Field(256, ge=8, description="Prompt + response tokens (a longer prompt keeps its end).")
     eval_batches: int = Field(2, ge=1, description="Held-out rollout batches at each eval.")
 
@@ -165,11 +175,13 @@ def rollout(policy, reference: Callable, scorer: Scorer, tok, prompts: list[list
 
 
 # --- loss ------------------------------------------------------------------------------------------------
-def updates(s, cfg: Config, micros: list[dict], ctl: dict) -> list[list[Closure]]:
+def updates(s, cfg: Config, micros: list[dict], ctl: dict, ptx: dict | None = None) -> list[list[Closure]]:
     """ppo_epochs passes over the step's rollouts in minibatches: one optimizer step per minibatch, made of the
     k-th minibatch of every rollout batch (each reshuffled per epoch by its own seed), its loss the token mean
     over all of them (across ranks too). With `kl_target`, the step's KL moves `ctl["kl_coef"]` for the next
-    step's rollouts (the adaptive controller)."""
+    step's rollouts (the adaptive controller). `ptx`: the stored SFT conversations of the ptx term ("rows") and
+    the pad id; each closure draws its `ptx_batch` of them from its rollout's seed and its update's index (the
+    same on resume)."""
     reward = s.all_mean({"r": sum(float(r["scores"].mean()) for r in micros) / len(micros)})["r"]
     kl = s.all_mean({"k": sum(float(r["kl"].mean()) for r in micros) / len(micros)})["k"]
     if not (math.isfinite(reward) and math.isfinite(kl)):
@@ -193,14 +205,28 @@ def updates(s, cfg: Config, micros: list[dict], ctl: dict) -> list[list[Closure]
         for k in range(0, B, M):
             mbs = [order[e][k:k + M] for order in orders]
             total = s.all_sum(sum(float(r["mask"][mb].sum()) for r, mb in zip(micros, mbs)))
-            groups.append([lambda model, r=r, mb=mb, t=total: minibatch_share(model, r, mb, t, cfg)
-                           for r, mb in zip(micros, mbs)])
+            extra = [ptx_batch(ptx, cfg, r["seed"], len(groups), s.device) for r in micros]
+            groups.append([lambda model, r=r, mb=mb, t=total, x=x: minibatch_share(model, r, mb, t, cfg, x,
+                                                                                   len(micros) * s.world)
+                           for r, mb, x in zip(micros, mbs, extra)])
     return groups
 
 
-def minibatch_share(policy, r: dict, mb: torch.Tensor, total: float, cfg: Config):
+def ptx_batch(ptx: dict | None, cfg: Config, seed: int, update: int, device) -> dict | None:
+    """`ptx_batch` stored conversations for one closure of the ptx term, drawn from (rollout seed, update index)."""
+    if ptx is None:
+        return None
+    g = torch.Generator().manual_seed(seed * 31 + update)
+    rows = [ptx["rows"][int(j)] for j in torch.randint(len(ptx["rows"]), (cfg.ptx_batch,), generator=g)]
+    batch = collate([ids for ids, _ in rows], [mask for _, mask in rows], ptx["pad"])
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def minibatch_share(policy, r: dict, mb: torch.Tensor, total: float, cfg: Config, ptx: dict | None = None,
+                    parts: int = 1):
     """Clipped surrogate + vf_coef * clipped value loss over one minibatch, as its share (tokens / total) of the
-    minibatch across every rollout batch of the step."""
+    minibatch across every rollout batch of the step; plus, with a `ptx` batch, ptx_coef x its SFT loss / `parts`
+    (the closures of one update, over every rank)."""
     m = r["mask"][mb]
     with attention_kernel(m.device, m.shape[1]):
         logits, values = policy(r["input_ids"][mb], r["attention_mask"][mb])
@@ -210,7 +236,12 @@ def minibatch_share(policy, r: dict, mb: torch.Tensor, total: float, cfg: Config
     with torch.no_grad():  # logits at t-1 predict token t: entropy of the distribution each token came from
         ent = entropy(logits[:, :-1].float() / cfg.temperature, m[:, 1:])
     stats = {"policy_loss": pg_loss, "value_loss": vf_loss, "entropy": ent, **pm}
-    return (pg_loss + cfg.vf_coef * vf_loss) * m.sum() / total, {k: float(v.detach()) for k, v in stats.items()}
+    loss = (pg_loss + cfg.vf_coef * vf_loss) * m.sum() / total
+    if ptx is not None:
+        with attention_kernel(m.device, ptx["input_ids"].shape[1]):
+            stats["ptx_loss"] = sft_loss(policy.lm, ptx)
+        loss = loss + cfg.ptx_coef * stats["ptx_loss"] / parts
+    return loss, {k: float(v.detach()) for k, v in stats.items()}
 
 
 def metrics(micros: list[dict], sums: dict, updates_per_step: int, kl_coef: float) -> dict:
@@ -262,8 +293,10 @@ def run(cfg: Config, store, scorer: Scorer | None = None) -> dict:
             return policy.lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 
     trainable = sum(p.numel() for p in policy.parameters() if p.requires_grad)
+    ptx = ({"rows": sft_examples(store, tok, "train", cfg.max_len)[0], "pad": tok.pad_token_id}
+           if cfg.ptx_coef > 0 else None)
     s.data = {"train_prompts": len(train_prompts), "val_prompts": len(val_prompts), "trainable_params": trainable,
-              "base": cfg.model, "reward_model": reward_source}
+              "base": cfg.model, "reward_model": reward_source, "ptx_conversations": len(ptx["rows"]) if ptx else 0}
     s.say(f"ppo: {len(train_prompts)} train / {len(val_prompts)} val prompts, {trainable:,} trainable params"
           f"{' (LoRA, reference = adapter off)' if cfg.lora else ' (reference = frozen copy)'}")
     sampler = Sampler(len(train_prompts), cfg.batch_size, cfg.seed)
@@ -294,7 +327,7 @@ def run(cfg: Config, store, scorer: Scorer | None = None) -> dict:
                 "response_rep3": mean(reps), "stop_rate": mean(ended)}
 
     per_step = (cfg.batch_size // cfg.mini_batch_size) * cfg.ppo_epochs
-    start, end = fit(s, Stage(policy, tok, micro=micro, updates=lambda micros: updates(s, cfg, micros, ctl),
+    start, end = fit(s, Stage(policy, tok, micro=micro, updates=lambda micros: updates(s, cfg, micros, ctl, ptx),
                               evaluate=evaluate, lm=policy.lm,
                               metrics=lambda micros, sums: metrics(micros, sums, per_step, micros[0]["kl_coef"]),
                               samples=lambda micros: sample_rows(micros[0]), table=ppo_samples_table,
