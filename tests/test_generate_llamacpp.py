@@ -139,7 +139,7 @@ def test_the_same_items_come_out_whatever_the_batch_size_or_lane(tmp_path):
     one, three = items("one", 1)[1], items("three", 3)[1]
     assert one == three and len(one[0]) + len(one[1]) == 4
     (first, a), (_, b) = items("lanes-a", 4, lanes=2), items("lanes-b", 4, lanes=2)
-    assert a == b and len(first._decoder) == 2 and all(lane.served for lane in first._decoder)
+    assert a == b and len(first._lanes) == 2 and all(lane.served for lane in first._lanes)
 
 
 def test_lanes_one_per_core_while_each_batches_enough():

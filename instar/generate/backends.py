@@ -162,9 +162,10 @@ def decoder_lanes(slots: int, cores: int, lanes: int | None = None) -> tuple[int
     """(lanes, threads per lane): how many batch decoders run side by side, each with its own context and thread.
 
     One lane per core while each keeps at least `LANE_SLOTS` sequences to batch: a lane of one thread never waits at
-    OpenMP's barriers, and with OMP_WAIT_POLICY=PASSIVE (set whenever llama.cpp runs, `runtime.py`) every one of the
-    ~600 barriers of a decode step puts the other thread to sleep and wakes it. Measured (bench/README.md, AMD Zen 3,
-    2 cores, 32 instruction items, 8 in flight): one lane of 2 threads 59.9 s, two lanes of 1 thread 45.4 s."""
+    OpenMP's barriers, where with OMP_WAIT_POLICY=PASSIVE (set whenever llama.cpp runs, `runtime.py`) the second
+    thread, asleep during the Python sampling between steps, is woken inside every step; and one lane's Python work
+    overlaps the other's decoding. Measured (bench/README.md, AMD Zen 3, 2 cores, 32 instruction items, 8 in
+    flight): one lane of 2 threads 59.9 s, two lanes of 1 thread 45.4 s."""
     if lanes is None:
         lanes = max(1, min(cores, slots // LANE_SLOTS))
     lanes = max(1, min(lanes, slots))
@@ -190,7 +191,7 @@ class LlamaCppBackend:
         self.max_concurrency = slots  # items in flight, over all lanes (bench/README.md: 8 on 2 cores)
         self.lanes = lanes  # decoders side by side; None = `decoder_lanes`' choice
         self._llm = None
-        self._decoder = None
+        self._lanes = None  # the BatchDecoders, built on first use
         self._template = None
         self._grammars: dict[str, str] = {}
         self._lock = threading.Lock()
@@ -199,7 +200,7 @@ class LlamaCppBackend:
         from instar.generate.probe import probe
 
         probe(self.path, self.n_ctx)  # a native crash on this CPU ends a child process, not this one
-        self._ready()  # the model, its chat template and the decoder's context: every failure before any item
+        self._ready()  # the model, its chat template and the lanes' contexts: every failure before any item
 
     def _load(self):
         """The one place a GGUF is loaded (the batched decoder reuses this model; it never loads its own)."""
@@ -211,10 +212,10 @@ class LlamaCppBackend:
             return self._llm
 
     def _ready(self):
-        """The model, its chat template and the decoder, built on first use."""
+        """The model, its chat template and the decoder lanes, built on first use."""
         llm = self._load()
         with self._lock:
-            if self._decoder is None:
+            if self._lanes is None:
                 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
                 from instar.generate.batched import BatchDecoder
@@ -228,9 +229,9 @@ class LlamaCppBackend:
                                                      bos_token=text(bos) if bos != -1 else "")
                 lanes, threads = decoder_lanes(self.max_concurrency, os.cpu_count() or 1, self.lanes)
                 per_lane = -(-self.max_concurrency // lanes)
-                self._decoder = [BatchDecoder(llm, slots=per_lane, n_ctx=self.n_ctx, threads=threads)
-                                 for _ in range(lanes)]
-            return llm, self._template, self._decoder
+                self._lanes = [BatchDecoder(llm, slots=per_lane, n_ctx=self.n_ctx, threads=threads)
+                               for _ in range(lanes)]
+            return llm, self._template, self._lanes
 
     @staticmethod
     def _tokens(llm, template, messages: list[dict]) -> list[int]:
@@ -245,14 +246,14 @@ class LlamaCppBackend:
         return self._grammars[key]
 
     def chat(self, messages, *, schema, temperature, seed, max_tokens) -> Generation:
-        llm, template, decoder = self._ready()
+        llm, template, lanes = self._ready()
         grammar = self._grammar(schema) if (schema is not None and self.constrained) else None
         t0 = time.perf_counter()
         tokens = self._tokens(llm, template, messages)
         if len(tokens) >= self.n_ctx:  # the prompt fills this sequence's window: nothing could be generated
             return Generation("", finish_reason="context", prompt_tokens=len(tokens))
         with self._lock:  # the lane with the fewest requests in hand
-            lane = min(decoder, key=lambda d: d.load)
+            lane = min(lanes, key=lambda d: d.load)
             lane.load += 1
         try:
             out, finish = lane.run(tokens, grammar=grammar, temperature=temperature, seed=seed, max_tokens=max_tokens)
