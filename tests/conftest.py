@@ -10,8 +10,8 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-os.environ.setdefault("INSTAR_CACHE", tempfile.mkdtemp(prefix="instar-cache-"))  # the Q8_0 teacher, once per session  # see docs/measured-facts.md: avoids llama.cpp's first-call stall
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see docs/measured-facts.md: avoids llama.cpp's first-call stall
+os.environ.setdefault("INSTAR_CACHE", tempfile.mkdtemp(prefix="instar-cache-"))  # the Q8_0 teacher, once per session
 
 
 @pytest.fixture

@@ -119,7 +119,7 @@ class BatchDecoder:
         self._one = (L.llama_token_data * 1)()
         self._pending: list[_Request] = []
         self.load = 0  # requests given to this decoder and not yet answered (the backend balances on it)
-        self.served = 0  # requests answered
+        self.served = 0  # requests answered (counted by the decode thread)
         self._cv = threading.Condition()
         self._thread = threading.Thread(target=self._loop, name="llama-batch", daemon=True)
         self._thread.start()
@@ -132,7 +132,6 @@ class BatchDecoder:
             self._pending.append(req)
             self._cv.notify()
         req.done.wait()
-        self.served += 1
         if req.error is not None:
             raise req.error
         return req.out, req.finish
@@ -229,5 +228,6 @@ class BatchDecoder:
         self.L.llama_memory_seq_rm(self.L.llama_get_memory(self.ctx), seq.slot, -1, -1)
         seq.free()
         seq.req.finish, seq.req.error = finish, error
+        self.served += 1
         seq.req.done.set()
 
