@@ -3,6 +3,7 @@
 import json
 import random
 import re
+from fractions import Fraction as F
 
 import pytest
 
@@ -83,15 +84,35 @@ def test_worked_steps_are_true_and_end_at_the_answer(family):
 
 
 def test_sums_and_differences_of_bigger_numbers_go_column_by_column():
-    from fractions import Fraction as F
-
     assert ar.columns(F(48), "+", F(37)) == ["8 + 7 = 15", "4 + 3 + 1 = 8"]
     assert ar.columns(F(52), "-", F(37)) == ["12 - 7 = 5", "4 - 3 = 1"]
-    assert ar.columns(F(37), "-", F(52)) == ar.columns(F(52), "-", F(37))  # the final line gives the sign
+    assert ar.columns(F(37), "-", F(52)) == []        # a negative result: see the magnitudes test below
     assert ar.columns(F(205), "+", F(43)) == ["5 + 3 = 8", "0 + 4 = 4"]    # the lone 2 is copied
     assert ar.columns(F(7), "+", F(5)) == [] and ar.columns(F(-15), "+", F(27)) == []
     assert ar.solution(("-", ("+", 48, 37, False), 9, False)).splitlines() == [
         "48 + 37 - 9", "8 + 7 = 15", "4 + 3 + 1 = 8", "48 + 37 = 85", "15 - 9 = 6", "7 - 0 = 7", "85 - 9 = 76"]
+
+
+def test_signed_operations_are_first_done_on_magnitudes():
+    """Every signed step is preceded by the same work on numbers >= 0: the unsigned facts, then the sign."""
+    def steps(t):
+        return ar.solution(t).splitlines()[1:]
+
+    assert steps(("-", 4, 9, False)) == ["9 - 4 = 5", "4 - 9 = -5"]
+    assert steps(("-", -5, 7, False)) == ["5 + 7 = 12", "-5 - 7 = -12"]
+    assert steps(("-", 8, -5, False)) == ["8 + 5 = 13", "8 - (-5) = 13"]
+    assert steps(("+", -3, 3, False)) == ["3 - 3 = 0", "-3 + 3 = 0"]
+    assert steps(("*", -3, 4, False)) == ["3 * 4 = 12", "-3 * 4 = -12"]
+    assert steps(("-", 37, 52, False)) == ["12 - 7 = 5", "4 - 3 = 1", "52 - 37 = 15", "37 - 52 = -15"]
+    assert ar.magnitudes(F(9), "-", F(4)) is None and ar.magnitudes(F(2), "+", F(7)) is None
+    rng = random.Random("magnitudes")
+    for _ in range(300):  # every operand of a helper line is >= 0, and a difference is bigger minus smaller
+        a, b, op = F(rng.randint(-99, 99)), F(rng.randint(-99, 99)), rng.choice("+-*")
+        plain = ar.magnitudes(a, op, b)
+        if plain is not None:
+            x, hop, y = plain
+            assert x >= 0 and y >= 0 and (hop != "-" or x >= y)
+            assert abs(ar._apply(op, a, b)) == ar._apply(hop, x, y)
 
 
 def test_other_families_show_their_steps_too():
@@ -112,7 +133,9 @@ def test_levels_cover_the_forms():
     one = sample(1)
     assert all(0 <= x <= 9 for t in one for x in leaves(t)) and all(ar.value(t) >= 0 for t in one)
     two = sample(2)
-    assert any(x >= 10 for t in two for x in leaves(t)) and all(ar.value(t) >= 0 for t in two)
+    assert any(x >= 10 for t in two for x in leaves(t)) and any(ar.value(t) < 0 for t in two)
+    signed = [t for t in two if min(leaves(t)) < 0 or ar.value(t) < 0]     # the one-digit signed facts
+    assert all(abs(x) <= 9 for t in signed for x in leaves(t)) and 0.1 < len(signed) / len(two) < 0.35
     three = [ar.expression(t) for t in sample(3)]
     assert any("(" in e for e in three) and any(e.startswith("-") or "(-" in e for e in three)
     assert any(re.search(r"\d{3}", e) for e in three) and any("*" in e for e in three) and any("/" in e for e in three)

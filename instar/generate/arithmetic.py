@@ -12,7 +12,8 @@ chain of instructions ("Begin with 23. Add 48, then subtract 9."), or as a short
 (the curriculum's dial, 1 = what a ~1M-param model learns first):
 
     1  a + b or a - b, single digits, never below zero
-    2  two-digit operands (one or both); three single-digit terms; single-digit products
+    2  two-digit operands (one or both); three single-digit terms; single-digit products; a one-digit sum or
+       difference with a sign (4 - 9, -3 + 5, 6 - (-2): the signed facts, done on magnitudes, learned early)
     3  negative operands and results; parentheses; three-digit sums; two-digit x one-digit; exact quotients
     4  chains of 3-5 terms of one or two digits (may go below zero); two bracketed groups; c x (a +- b)
     5  any of the above with operands up to three digits
@@ -20,8 +21,10 @@ chain of instructions ("Begin with 23. Add 48, then subtract 9."), or as a short
 The reply a model is taught (`worked_steps`) is one line per operation, innermost first, left to right —
 "23 + 48 = 71", "71 - 9 = 62" — then "Answer: 62": the seed's "defined series of steps". A sum or difference
 with a two- or three-digit operand is first done in columns, units first ("3 + 8 = 11", "2 + 4 + 1 = 7",
-then "23 + 48 = 71"; see `columns`), so every operation a model must learn is a single-digit fact. A negative right
-operand is written in brackets ("8 - (-5) = 13") so every step reads one way. The step lines restate the
+then "23 + 48 = 71"; see `columns`), so every operation a model must learn is a single-digit fact. An operation
+with a negative operand or result is first done on the magnitudes ("9 - 4 = 5", then "4 - 9 = -5"; see
+`magnitudes`), so the signed ones need no facts of their own either. A negative right operand is written in
+brackets ("8 - (-5) = 13") so every step reads one way. The step lines restate the
 problem as arithmetic, so a model that learned to parse a phrasing and to add two numbers can answer
 phrasings it never saw; GRPO's reward checks only the final answer line.
 
@@ -73,25 +76,49 @@ def _steps(t: Tree) -> tuple[list[str], F]:
     if not isinstance(t, tuple):
         return [], F(t)
     (left, a), (right, b) = _steps(t[1]), _steps(t[2])
-    op = t[0]
-    z = a + b if op == "+" else a - b if op == "-" else a * b if op == "*" else a / b
+    op, z = t[0], _apply(t[0], a, b)
     line = f"{_operand(a, False)} {op} {_operand(b, True)} = {format_number(z)}"
-    return left + right + columns(a, op, b) + [line], z
+    plain = magnitudes(a, op, b)
+    if plain is None:
+        return left + right + columns(a, op, b) + [line], z
+    x, hop, y = plain
+    helper = f"{format_number(x)} {hop} {format_number(y)} = {format_number(_apply(hop, x, y))}"
+    return left + right + columns(x, hop, y) + [helper, line], z
+
+
+def _apply(op: str, a: F, b: F) -> F:
+    return a + b if op == "+" else a - b if op == "-" else a * b if op == "*" else a / b
+
+
+def magnitudes(a: F, op: str, b: F) -> tuple[F, str, F] | None:
+    """The same operation on magnitudes when a sign is involved (a negative operand or result), else None:
+    4 - 9 -> 9 - 4 (the line after it says "4 - 9 = -5"); -5 - 7 -> 5 + 7; 8 - (-5) -> 8 + 5; -3 + 3 -> 3 - 3;
+    -3 * 4 -> 3 * 4. A sum or difference becomes a sum, or bigger minus smaller, of numbers >= 0: with it the
+    signed forms need only the unsigned facts and a sign rule (which magnitude is bigger, which sign it had),
+    where without it each of the ~200 signed single-digit facts was its own fact to learn and the ~1M model,
+    seeing each a few times, got none of them (measured: "What is 4 - 9?" right 0 of 45 after SFT)."""
+    if op in "*/":
+        return (abs(a), op, abs(b)) if a < 0 or b < 0 else None
+    if a >= 0 and b >= 0 and _apply(op, a, b) >= 0:
+        return None  # a plain sum, or bigger minus smaller
+    s = b if op == "+" else -b  # the second term with its sign
+    if (a >= 0) == (s >= 0):
+        return abs(a), "+", abs(s)
+    return max(abs(a), abs(s)), "-", min(abs(a), abs(s))
 
 
 def columns(a: F, op: str, b: F) -> list[str]:
     """Column steps for a sum or difference of whole numbers >= 0 with a two- or three-digit operand, units
     first, each one single-digit fact (a carry is "+ 1"; a borrow shows as the top digit + 10):
-    48 + 37 -> ["8 + 7 = 15", "4 + 3 + 1 = 8"]; 52 - 37 -> ["12 - 7 = 5", "4 - 3 = 1"]; 37 - 52 -> the columns
-    of 52 - 37 (the line that follows gives the sign). [] for anything else (signs, fractions, one digit,
-    products), which keeps its one line. Why: with "48 + 37 = 85" alone a ~1M model must learn every sum of
+    48 + 37 -> ["8 + 7 = 15", "4 + 3 + 1 = 8"]; 52 - 37 -> ["12 - 7 = 5", "4 - 3 = 1"] (bigger minus smaller).
+    [] for anything else (signs: see `magnitudes`; fractions, one digit, products), which keeps its one line. Why: with "48 + 37 = 85" alone a ~1M model must learn every sum of
     two-digit numbers as its own fact; in columns it needs the 100 single-digit facts, and every column
     drills them."""
     if op not in "+-" or a.denominator != 1 or b.denominator != 1 or min(a, b) < 0 or max(a, b) < 10:
         return []
     x, y = int(a), int(b)
     if op == "-" and x < y:
-        x, y = y, x
+        return []  # a negative result: its columns are those of `magnitudes`' bigger minus smaller
     xs, ys = str(x)[::-1], str(y)[::-1]
     lines, carry = [], 0
     for i in range(max(len(xs), len(ys))):
@@ -171,18 +198,31 @@ def _signed(rng: random.Random, digits: int) -> int:
     return -x if rng.random() < 0.5 else x
 
 
+def _signed_pair(rng: random.Random) -> Tree:
+    """A one-digit sum or difference with a sign in it: 4 - 9, -3 + 5, -2 - 6, 6 - (-2), 7 + (-9)."""
+    a, b = _num(rng, 1, 1), _num(rng, 1, 1)
+    shape = rng.randrange(4)
+    if shape == 0:
+        return ("-", min(a, b), max(a, b) + (a == b), False)  # a small number minus a bigger one
+    if shape == 1:
+        return (rng.choice("+-"), -a, b, False)
+    return (rng.choice("+-"), a, -b, False) if shape == 2 else (rng.choice("+-"), -a, -b, False)
+
+
 def draw_tree(rng: random.Random, level: int) -> Tree:
     """An expression of the form the level calls for (see the module docstring)."""
     if level <= 1:
         return _nonneg_chain(rng, [_num(rng, 1), _num(rng, 1)])
     if level == 2:
         kind = rng.random()
-        if kind < 0.55:
+        if kind < 0.45:
             d = rng.choice([(2, 2), (2, 1), (1, 2), (2, 2)])
             return _nonneg_chain(rng, [_num(rng, d[0]), _num(rng, d[1], 1)])
-        if kind < 0.8:
+        if kind < 0.65:
             return _nonneg_chain(rng, [_num(rng, 1, 1) for _ in range(3)])
-        return ("*", _num(rng, 1, 2), _num(rng, 1, 2), False)
+        if kind < 0.8:
+            return ("*", _num(rng, 1, 2), _num(rng, 1, 2), False)
+        return _signed_pair(rng)
     if level == 3:
         kind = rng.randrange(6)
         d = rng.choice([1, 2])

@@ -23,8 +23,8 @@ from instar.generate.procedural import make_problems
 # built from. Measured on the tiny preset, 900 SFT steps (README "Stage 4"): .2/.3/.25/.15/.1 without columns ->
 # level-1 pass@1 0.39, external 2.5%; these weights with columns -> level 1 0.52 by step 500, external 6.1% at 900.
 LEVEL_WEIGHTS = {1: 0.4, 2: 0.35, 3: 0.12, 4: 0.08, 5: 0.05}
-TEMPLATE = "math-sft-v3"  # provenance tag: v1 = one phrasing per family, answer without steps; v2 = steps
-# without the question restated in symbols first
+TEMPLATE = "math-sft-v4"  # provenance tag: v1 = one phrasing per family, answer without steps; v2 = steps
+# without the question restated in symbols first; v3 = signed steps without the magnitudes line first
 
 
 def math_sft_records(count: int, seed: int, families: list[str], instruction: str = "",
