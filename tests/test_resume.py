@@ -55,7 +55,7 @@ def test_ctrl_c_during_eval_checkpoints_the_step_just_finished(text_store, pretr
     """Bug 1: the eval after step 4 was interrupted; the checkpoint said step 3 but held step 4's weights."""
     whole, whole_out = pretrain_whole
     out = tmp_path / "split"
-    on_call(monkeypatch, loop.Session, "evaluate", 2, "raise")  # call 1 is the start measure
+    on_call(monkeypatch, loop.Session, "evaluate", 3, "raise")  # calls 1-2: the start measure (held-out, yardsticks)
     with pytest.raises(KeyboardInterrupt):
         run_stage("pretrain", None, PRETRAIN + [f"out={out}"], text_store)
     monkeypatch.undo()

@@ -109,6 +109,19 @@ def test_every_stage_measures_the_yardsticks_at_start_and_end(store, tmp_path, m
     steps = [s for s, _ in runs.metric_series(store, pre["run_id"], "ext_text_bpb")]
     assert steps == [0, 4]  # start and end only, not at step 2's eval
 
+    # The next chat stage from the SFT model, measured the same way, starts from SFT's end values: not measured
+    # again (the arithmetic was asked twice so far, not three times) ...
+    more = FAST + [f"model={tmp_path}/sft", "max_steps=1", "external_eval=true", "sample_tokens=4"]
+    again = run_stage("sft", None, more + [f"out={tmp_path}/sft2"], store)
+    assert asked == [INSTRUCTION] * 3 and again["start"]["ext_math_acc"] == sft["end"]["ext_math_acc"]
+    assert {k: again["start"][k] for k in sft["end"] if k.startswith("ext_")} == \
+        {k: v for k, v in sft["end"].items() if k.startswith("ext_")}
+    # ... unless measured otherwise (another reply length), or the weights are not the ones measured.
+    run_stage("sft", None, more[:-1] + ["sample_tokens=5", f"out={tmp_path}/sft3"], store)
+    (tmp_path / "sft" / "model" / "model.safetensors").touch()
+    run_stage("sft", None, more + [f"out={tmp_path}/sft4"], store)
+    assert len(asked) == 3 + 2 * 2
+
 
 def test_report_card_shows_what_generalises_as_its_own_table(store, tmp_path):
     import io

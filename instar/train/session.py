@@ -70,6 +70,7 @@ class Session:
     run_id: str | None = None
     progress: object = None
     data: dict = field(default_factory=dict)
+    kept_yardsticks: tuple | None = None   # (settings, values) measured at the end, for the next stage's start
 
     @property
     def is_main(self) -> bool:
@@ -120,9 +121,11 @@ class Session:
         return values
 
     def measure(self, lm, st, when: str, step: int, rows: list) -> dict:
-        """Held-out metrics and the answers to REPORT_PROMPTS (or the stage's own `answers`) into `rows`."""
-        measures = st.evaluate if st.yardsticks is None else (lambda m: {**st.evaluate(m), **st.yardsticks(m)})
-        values = self.evaluate(lm, measures)
+        """Held-out metrics, the yardsticks, and the answers to REPORT_PROMPTS (or the stage's own `answers`)
+        into `rows`."""
+        values = self.evaluate(lm, st.evaluate)
+        if st.yardsticks is not None:
+            values.update(self.yardsticks(lm, st.yardsticks, when))
         rows.append(("metrics", step, values))
         with torch.no_grad(), torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []), \
                 autocast(self.device, self.bf16):
@@ -130,6 +133,23 @@ class Session:
                 report_samples(unwrap(lm), st.tok, self.cfg.sample_tokens, when=when)
         rows.append(("samples", step, answers))
         self.say(f"{when}: " + " | ".join(f"{k} {v:.4f}" for k, v in values.items() if v is not None))
+        return values
+
+    def yardsticks(self, lm, measure, when: str) -> dict:
+        """The external yardsticks; at the start, those the stage that made this model measured at its end, when
+        they were measured the same way (`yardsticks.kept`); the end values are kept beside model/ by `finish`.
+        A `measure` without `settings` (not from `yardsticks.for_stage`) is always run."""
+        from instar.train import yardsticks
+
+        settings, own = getattr(measure, "settings", None), getattr(measure, "own", set())
+        if settings is not None:
+            settings = {**settings, "device": self.device.type, "bf16": self.bf16}
+            if when == "start" and not own and (values := yardsticks.kept(self.cfg.model, settings)) is not None:
+                self.say("start: the external yardsticks as the stage that made this model measured them at its end")
+                return values
+        values = self.evaluate(lm, measure)
+        if when == "end" and settings is not None:
+            self.kept_yardsticks = (settings, {k: v for k, v in values.items() if k not in own})
         return values
 
     # --- ranks -----------------------------------------------------------------------------------------------------
@@ -188,6 +208,9 @@ class Session:
                    "start": start, "end": end, **peak_memory(self.device)}
         if self.is_main:
             save_model(model, tok, self.out / "model")
+            if self.kept_yardsticks is not None:
+                from instar.train.yardsticks import keep
+                keep(self.out / "model", *self.kept_yardsticks)
             write_summary(self.out, summary)
             if self.run_id:
                 runs.finish_run(self.store, self.run_id, summary=summary)
