@@ -116,11 +116,14 @@ def test_every_stage_measures_the_yardsticks_at_start_and_end(store, tmp_path, m
     assert asked == [INSTRUCTION] * 3 and again["start"]["ext_math_acc"] == sft["end"]["ext_math_acc"]
     assert {k: again["start"][k] for k in sft["end"] if k.startswith("ext_")} == \
         {k: v for k, v in sft["end"].items() if k.startswith("ext_")}
-    # ... unless measured otherwise (another reply length), or the weights are not the ones measured.
+    # ... part by part: another reply length measures the chat part again, not the arithmetic (asked once more:
+    # at the end) ...
     run_stage("sft", None, more[:-1] + ["sample_tokens=5", f"out={tmp_path}/sft3"], store)
+    assert len(asked) == 4
+    # ... and nothing is taken for weights that are not the ones measured.
     (tmp_path / "sft" / "model" / "model.safetensors").touch()
     run_stage("sft", None, more + [f"out={tmp_path}/sft4"], store)
-    assert len(asked) == 3 + 2 * 2
+    assert len(asked) == 6
 
 
 def test_report_card_shows_what_generalises_as_its_own_table(store, tmp_path):

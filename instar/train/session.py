@@ -70,7 +70,7 @@ class Session:
     run_id: str | None = None
     progress: object = None
     data: dict = field(default_factory=dict)
-    kept_yardsticks: tuple | None = None   # (settings, values) measured at the end, for the next stage's start
+    kept_yardsticks: list | None = None   # [(settings, values)] of each part measured at the end, for the next stage
 
     @property
     def is_main(self) -> bool:
@@ -135,22 +135,27 @@ class Session:
         self.say(f"{when}: " + " | ".join(f"{k} {v:.4f}" for k, v in values.items() if v is not None))
         return values
 
-    def yardsticks(self, lm, measure, when: str) -> dict:
-        """The external yardsticks; at the start, those the stage that made this model measured at its end, when
-        they were measured the same way (`yardsticks.kept`); the end values are kept beside model/ by `finish`.
-        A `measure` without `settings` (not from `yardsticks.for_stage`) is always run."""
+    def yardsticks(self, lm, ys, when: str) -> dict:
+        """The external yardsticks, part by part (`yardsticks.Yardsticks`); at the start, a part the stage that made
+        this model measured the same way at its end is taken from there (`yardsticks.kept`); the end values are
+        kept beside model/ by `finish`. A plain function (no parts) is always run."""
         from instar.train import yardsticks
 
-        settings, own = getattr(measure, "settings", None), getattr(measure, "own", set())
-        if settings is not None:
-            settings = {**settings, "device": self.device.type, "bf16": self.bf16}
-            if when == "start" and not own and (values := yardsticks.kept(self.cfg.model, settings)) is not None:
-                self.say("start: the external yardsticks as the stage that made this model measured them at its end")
-                return values
-        values = self.evaluate(lm, measure)
-        if when == "end" and settings is not None:
-            self.kept_yardsticks = (settings, {k: v for k, v in values.items() if k not in own})
-        return values
+        if not isinstance(ys, yardsticks.Yardsticks):
+            return self.evaluate(lm, ys)
+        out, kept = {}, []
+        for part in ys.parts:
+            settings = {**part.settings, "device": self.device.type, "bf16": self.bf16}
+            values = yardsticks.kept(self.cfg.model, settings) if when == "start" and not part.own else None
+            if values is not None:
+                self.say(f"start: {len(values)} external yardsticks as the stage that made this model measured them")
+            else:
+                values = self.evaluate(lm, part.measure)
+            out.update(values)
+            kept.append((settings, {k: v for k, v in values.items() if k not in part.own}))
+        if when == "end":
+            self.kept_yardsticks = kept
+        return out
 
     # --- ranks -----------------------------------------------------------------------------------------------------
     def all_sum(self, x: float | list[float]) -> float:
@@ -210,7 +215,7 @@ class Session:
             save_model(model, tok, self.out / "model")
             if self.kept_yardsticks is not None:
                 from instar.train.yardsticks import keep
-                keep(self.out / "model", *self.kept_yardsticks)
+                keep(self.out / "model", self.kept_yardsticks)
             write_summary(self.out, summary)
             if self.run_id:
                 runs.finish_run(self.store, self.run_id, summary=summary)

@@ -3,7 +3,7 @@
     language(model, tok)                  -> {"ext_text_bpb", "ext_cont_distinct", "ext_cont_rep3"}    (stage 1)
     conversation(model, tok, scorer=None) -> {"ext_chat_drill", "ext_chat_rep3", "ext_chat_distinct2",
                                               "ext_chat_tokens", "ext_chat_stop", ["ext_chat_reward"], "ext_text_bpb"}
-    for_stage(cfg, tok, chat=True, scorer=None) -> fn(model) -> dict     a stage's `Stage.yardsticks`
+    for_stage(cfg, tok, chat=True, scorer=None) -> Yardsticks            a stage's `Stage.yardsticks`: its parts
 
 Every stage's own held-out set comes from the same teacher and the same prompt pools as its training data, so
 it says the stage learned its data, not that it learned something general. These sets are hand-written and
@@ -31,9 +31,9 @@ Cost on 2 cores (AMD EPYC Zen 3): ~2 s per measurement for the tiny preset, minu
 external arithmetic: 278 problems x up to 160 tokens).
 
 Measured once per model: a stage that ends writes its end values beside the model it saves (`keep`:
-model/yardsticks.json, with the settings they were measured with and the weights files' sizes and times), and the
-next stage, starting from that model with the same settings, takes them as its start values (`kept`) instead of
-measuring the same model again. Greedy decoding makes them the same numbers; a reward model's score of the
+model/yardsticks.json, each part — the chat or language ones, the arithmetic — with the settings it was measured
+with, and the weights files' sizes and times), and the next stage, starting from that model, takes each part
+measured with its own settings as its start values (`kept`) instead of measuring the same model again. Greedy decoding makes them the same numbers; a reward model's score of the
 replies (PPO's `ext_chat_reward`) is the measuring stage's own and never passed on.
 """
 
@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -150,24 +151,37 @@ def conversation(model, tok, scorer: Callable | None = None, max_new_tokens: int
     return {**out, "ext_text_bpb": text_bpb(model, tok)}
 
 
+@dataclass
+class Part:
+    """One set of yardsticks: what its numbers depend on besides the weights, and how to measure them."""
+    settings: dict
+    measure: Callable[[torch.nn.Module], dict]
+    own: frozenset = frozenset()  # numbers only this stage can measure (a reward model's score): never passed on
+
+
+@dataclass
+class Yardsticks:
+    """A stage's `Stage.yardsticks`: the chat (or language) part, and the external arithmetic part."""
+    parts: list[Part]
+
+    def __call__(self, model) -> dict:
+        return {k: v for part in self.parts for k, v in part.measure(model).items()}
+
+
 def for_stage(cfg, tok, chat: bool = True, scorer: Callable | None = None,
-              instruction: str | None = None) -> Callable[[torch.nn.Module], dict]:
-    """A stage's `Stage.yardsticks`: `conversation` (chat stages) or `language` (stage 1), plus the external
+              instruction: str | None = None) -> Yardsticks:
+    """A stage's yardsticks: `conversation` (chat stages) or `language` (stage 1), plus the external
     arithmetic when `cfg.external_eval`, asked with `instruction` (default: the run's prompt form,
     `evaluate.math_prompt_form`, which `instar run` keeps beside the stages)."""
-    if cfg.external_eval and instruction is None:
+    tokens = cfg.sample_tokens
+    first = Part({"chat": chat, "tokens": tokens},
+                 (lambda m: conversation(m, tok, scorer, tokens)) if chat else (lambda m: language(m, tok, tokens)),
+                 frozenset({"ext_chat_reward"}) if scorer is not None else frozenset())
+    if not cfg.external_eval:
+        return Yardsticks([first])
+    if instruction is None:
         instruction = math_prompt_form(cfg.out)
-
-    def measure(model) -> dict:
-        out = (conversation(model, tok, scorer, cfg.sample_tokens) if chat
-               else language(model, tok, cfg.sample_tokens))
-        if cfg.external_eval:
-            out.update(external_arithmetic(model, tok, instruction))
-        return out
-    # What the numbers depend on besides the weights (`kept`/`keep`); a scorer's numbers are its stage's own.
-    measure.settings = {"chat": chat, "tokens": cfg.sample_tokens, "math": instruction if cfg.external_eval else None}
-    measure.own = {"ext_chat_reward"} if scorer is not None else set()
-    return measure
+    return Yardsticks([first, Part({"math": instruction}, lambda m: external_arithmetic(m, tok, instruction))])
 
 
 # --- measured once per model: a stage's end values are the next stage's start values ----------------------
@@ -178,21 +192,21 @@ def _weights(model_dir: Path) -> list:
     return [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in sorted(model_dir.glob("*.safetensors"))]
 
 
-def keep(model_dir: str | Path, settings: dict, values: dict) -> None:
-    """Write the yardsticks a stage measured at its end beside the model it saved."""
+def keep(model_dir: str | Path, parts: list[tuple[dict, dict]]) -> None:
+    """Write the (settings, values) of each part a stage measured at its end beside the model it saved."""
     model_dir = Path(model_dir)
-    (model_dir / KEPT).write_text(json.dumps({"settings": settings, "weights": _weights(model_dir),
-                                              "values": values}, indent=1))
+    (model_dir / KEPT).write_text(json.dumps({"weights": _weights(model_dir), "parts": [
+        {"settings": settings, "values": values} for settings, values in parts]}, indent=1))
 
 
 def kept(source: str | Path, settings: dict) -> dict | None:
-    """The values `keep` wrote for the model at `source` (a run or model directory), if they were measured with
+    """The values `keep` wrote for the model at `source` (a run or model directory) of the part measured with
     `settings` on these very weights files; None otherwise (or for anything unreadable: then it is measured)."""
     for model_dir in (Path(source) / "model", Path(source)):
         try:
             saved = json.loads((model_dir / KEPT).read_text())
         except (OSError, ValueError):
             continue
-        if saved.get("settings") == settings and saved.get("weights") == _weights(model_dir):
-            return saved.get("values")
+        if saved.get("weights") == _weights(model_dir):
+            return next((p.get("values") for p in saved.get("parts", []) if p.get("settings") == settings), None)
     return None
