@@ -111,9 +111,9 @@ def columns(a: F, op: str, b: F) -> list[str]:
     """Column steps for a sum or difference of whole numbers >= 0 with a two- or three-digit operand, units
     first, each one single-digit fact (a carry is "+ 1"; a borrow shows as the top digit + 10):
     48 + 37 -> ["8 + 7 = 15", "4 + 3 + 1 = 8"]; 52 - 37 -> ["12 - 7 = 5", "4 - 3 = 1"] (bigger minus smaller).
-    [] for anything else (signs: see `magnitudes`; fractions, one digit, products), which keeps its one line. Why: with "48 + 37 = 85" alone a ~1M model must learn every sum of
-    two-digit numbers as its own fact; in columns it needs the 100 single-digit facts, and every column
-    drills them."""
+    [] for anything else (signs: see `magnitudes`; fractions, one digit, products), which keeps its one line.
+    Why: with "48 + 37 = 85" alone a ~1M model must learn every sum of two-digit numbers as its own fact; in
+    columns it needs the 100 single-digit facts, and every column drills them."""
     if op not in "+-" or a.denominator != 1 or b.denominator != 1 or min(a, b) < 0 or max(a, b) < 10:
         return []
     x, y = int(a), int(b)

@@ -33,8 +33,9 @@ external arithmetic: 278 problems x up to 160 tokens).
 Measured once per model: a stage that ends writes its end values beside the model it saves (`keep`:
 model/yardsticks.json, each part — the chat or language ones, the arithmetic — with the settings it was measured
 with, and the weights files' sizes and times), and the next stage, starting from that model, takes each part
-measured with its own settings as its start values (`kept`) instead of measuring the same model again. Greedy decoding makes them the same numbers; a reward model's score of the
-replies (PPO's `ext_chat_reward`) is the measuring stage's own and never passed on.
+measured with its own settings as its start values (`kept`) instead of measuring the same model again. Greedy
+decoding makes them the same numbers; a reward model's score of the replies (PPO's `ext_chat_reward`) is the
+measuring stage's own and never passed on.
 """
 
 from __future__ import annotations
@@ -207,6 +208,7 @@ def kept(source: str | Path, settings: dict) -> dict | None:
             saved = json.loads((model_dir / KEPT).read_text())
         except (OSError, ValueError):
             continue
-        if saved.get("weights") == _weights(model_dir):
+        weights = _weights(model_dir)
+        if weights and saved.get("weights") == weights:
             return next((p.get("values") for p in saved.get("parts", []) if p.get("settings") == settings), None)
     return None
