@@ -126,6 +126,27 @@ def test_every_stage_measures_the_yardsticks_at_start_and_end(store, tmp_path, m
     assert len(asked) == 6
 
 
+def test_the_embedded_models_start_values_are_kept_in_the_cache(tmp_path, monkeypatch):
+    """The embedded model has no folder of its own; its start values (the same in every run) go to the cache
+    folder (conftest points INSTAR_CACHE at a temp folder), tied to the GGUF file's size and time."""
+    from instar.generate import backends
+    from instar.train import yardsticks
+
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")
+    monkeypatch.setattr(backends, "embedded_model_path", lambda: gguf)
+    chat, math = {"chat": True, "tokens": 48}, {"math": ""}
+    assert yardsticks.kept("embedded-smollm2", chat) is None
+    yardsticks.remember_base("embedded-smollm2", chat, {"ext_chat_drill": 0.0})
+    yardsticks.remember_base("embedded-smollm2", math, {"ext_math_acc": 0.0})
+    yardsticks.remember_base(tmp_path, chat, {"ext_chat_drill": 1.0})  # not the embedded model: nothing kept
+    assert yardsticks.kept("embedded-smollm2", chat) == {"ext_chat_drill": 0.0}
+    assert yardsticks.kept("embedded-smollm2", math) == {"ext_math_acc": 0.0}
+    assert yardsticks.kept(tmp_path, chat) is None
+    gguf.write_bytes(b"GGUF, another model")
+    assert yardsticks.kept("embedded-smollm2", chat) is None
+
+
 def test_report_card_shows_what_generalises_as_its_own_table(store, tmp_path):
     import io
 

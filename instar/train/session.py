@@ -151,6 +151,8 @@ class Session:
                 self.say(f"start: {len(values)} external yardsticks as the stage that made this model measured them")
             else:
                 values = self.evaluate(lm, part.measure)
+                if when == "start" and not part.own:
+                    yardsticks.remember_base(self.cfg.model, settings, values)
             out.update(values)
             kept.append((settings, {k: v for k, v in values.items() if k not in part.own}))
         if when == "end":

@@ -33,7 +33,8 @@ external arithmetic: 278 problems x up to 160 tokens).
 Measured once per model: a stage that ends writes its end values beside the model it saves (`keep`:
 model/yardsticks.json, each part — the chat or language ones, the arithmetic — with the settings it was measured
 with, and the weights files' sizes and times), and the next stage, starting from that model, takes each part
-measured with its own settings as its start values (`kept`) instead of measuring the same model again. Greedy
+measured with its own settings as its start values (`kept`) instead of measuring the same model again; the
+embedded model's start values go to the cache folder (`remember_base`: the same in every run). Greedy
 decoding makes them the same numbers; a reward model's score of the replies (PPO's `ext_chat_reward`) is the
 measuring stage's own and never passed on.
 """
@@ -189,26 +190,67 @@ def for_stage(cfg, tok, chat: bool = True, scorer: Callable | None = None,
 KEPT = "yardsticks.json"
 
 
-def _weights(model_dir: Path) -> list:
-    return [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in sorted(model_dir.glob("*.safetensors"))]
+def _weights(files) -> list:
+    return [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+
+
+def _places(source: str | Path) -> list[tuple[Path, list]]:
+    """Where values for the model at `source` may be kept, with the fingerprint of its weights files: beside a
+    run's or an HF directory's safetensors; for the embedded model, in instar's cache folder (it has no folder of
+    its own, and its start values are the same in every run)."""
+    from instar.train.models import EMBEDDED
+
+    if str(source) == EMBEDDED:
+        from instar.generate.backends import cache_dir, embedded_model_path
+
+        from instar.errors import InstarError
+
+        try:
+            return [(cache_dir() / f"{EMBEDDED}.{KEPT}", _weights([embedded_model_path()]))]
+        except InstarError:  # the wheel missing: loading the model says so, not this
+            return []
+    dirs = [d for d in (Path(source) / "model", Path(source)) if d.is_dir()]
+    return [(d / KEPT, _weights(sorted(d.glob("*.safetensors")))) for d in dirs]
 
 
 def keep(model_dir: str | Path, parts: list[tuple[dict, dict]]) -> None:
     """Write the (settings, values) of each part a stage measured at its end beside the model it saved."""
     model_dir = Path(model_dir)
-    (model_dir / KEPT).write_text(json.dumps({"weights": _weights(model_dir), "parts": [
-        {"settings": settings, "values": values} for settings, values in parts]}, indent=1))
+    (model_dir / KEPT).write_text(json.dumps({"weights": _weights(sorted(model_dir.glob("*.safetensors"))),
+                                              "parts": [{"settings": s, "values": v} for s, v in parts]}, indent=1))
+
+
+def remember_base(source: str | Path, settings: dict, values: dict) -> None:
+    """Keep a part measured at the start on the embedded model (its only place: the cache folder)."""
+    from instar.train.models import EMBEDDED
+
+    if str(source) != EMBEDDED or not (places := _places(source)):
+        return
+    path, weights = places[0]
+    try:
+        saved = json.loads(path.read_text())
+        parts = saved["parts"] if saved.get("weights") == weights else []
+    except (OSError, ValueError, KeyError):
+        parts = []
+    parts = [p for p in parts if p.get("settings") != settings] + [{"settings": settings, "values": values}]
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".partial")
+        tmp.write_text(json.dumps({"weights": weights, "parts": parts}, indent=1))
+        tmp.replace(path)
+    except OSError:
+        pass  # a cache that cannot be written: measured again next time
 
 
 def kept(source: str | Path, settings: dict) -> dict | None:
-    """The values `keep` wrote for the model at `source` (a run or model directory) of the part measured with
-    `settings` on these very weights files; None otherwise (or for anything unreadable: then it is measured)."""
-    for model_dir in (Path(source) / "model", Path(source)):
+    """The values kept for the model at `source` (a run or model directory, or the embedded model) of the part
+    measured with `settings` on these very weights files; None otherwise (or for anything unreadable: then it is
+    measured)."""
+    for path, weights in _places(source):
         try:
-            saved = json.loads((model_dir / KEPT).read_text())
+            saved = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        weights = _weights(model_dir)
         if weights and saved.get("weights") == weights:
             return next((p.get("values") for p in saved.get("parts", []) if p.get("settings") == settings), None)
     return None
