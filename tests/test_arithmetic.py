@@ -136,6 +136,10 @@ def test_levels_cover_the_forms():
     assert any(x >= 10 for t in two for x in leaves(t)) and any(ar.value(t) < 0 for t in two)
     signed = [t for t in two if min(leaves(t)) < 0 or ar.value(t) < 0]     # the one-digit signed facts
     assert all(abs(x) <= 9 for t in signed for x in leaves(t)) and 0.1 < len(signed) / len(two) < 0.35
+    rng = random.Random("pairs")
+    pairs = [ar._signed_pair(rng) for _ in range(2000)]                       # every shape, equal operands too
+    assert all(abs(x) <= 9 for t in pairs for x in leaves(t)) and all(ar.value(t) < 0 or min(leaves(t)) < 0
+                                                                     for t in pairs)
     three = [ar.expression(t) for t in sample(3)]
     assert any("(" in e for e in three) and any(e.startswith("-") or "(-" in e for e in three)
     assert any(re.search(r"\d{3}", e) for e in three) and any("*" in e for e in three) and any("/" in e for e in three)

@@ -202,8 +202,8 @@ def _signed_pair(rng: random.Random) -> Tree:
     """A one-digit sum or difference with a sign in it: 4 - 9, -3 + 5, -2 - 6, 6 - (-2), 7 + (-9)."""
     a, b = _num(rng, 1, 1), _num(rng, 1, 1)
     shape = rng.randrange(4)
-    if shape == 0:
-        return ("-", min(a, b), max(a, b) + (a == b), False)  # a small number minus a bigger one
+    if shape == 0:  # a small number minus a bigger one (0 - 1 when both are 1)
+        return ("-", min(a, b) - (a == b), max(a, b), False)
     if shape == 1:
         return (rng.choice("+-"), -a, b, False)
     return (rng.choice("+-"), a, -b, False) if shape == 2 else (rng.choice("+-"), -a, -b, False)
