@@ -1,8 +1,9 @@
 """Process set-up, done once at start-up by `cli.main` before torch or llama.cpp can load: OpenMP's wait policy,
-and Python's fault handler.
+and Python's fault handler; and work that needs a process of its own.
 
     runtime.start(["train", "sft"])                # the CLI's arguments; chooses the policy for torch commands
     runtime.choose_openmp_wait_policy(llama_cpp=True)   # before llama_cpp is imported (generate/backends.py)
+    runtime.in_child(fn, *args, what="the teacher")     # fn(*args) in a fresh (spawned) process: its value back
 
 Both libraries load libgomp once per process and read OMP_WAIT_POLICY then, so the choice must come first; it is
 an explicit call, never an import side effect. A value the user set in the environment is always kept.
@@ -12,7 +13,10 @@ from __future__ import annotations
 
 import faulthandler
 import os
+import signal
 import time
+
+from instar.errors import InstarError
 
 # Commands that load torch in this process (OpenMP's first reader). `generate` chooses when it imports llama.cpp,
 # and `run` chooses again once it knows its teacher's backend (`pipeline_run.run_pipeline`).
@@ -63,3 +67,51 @@ def cpu_busy(window: float = 0.2) -> bool:
     except (OSError, ValueError, IndexError):
         used = os.getloadavg()[0] if hasattr(os, "getloadavg") else cores
     return used > 0.25
+
+
+def in_child(fn, *args, what: str = "a child process"):
+    """`fn(*args)` in a fresh Python process (multiprocessing's "spawn": nothing of this one's native state, such as
+    its OpenMP, is inherited); returns its value. `fn` must be a module-level function and its arguments and value
+    picklable. An `InstarError` raised there is raised here as itself; Ctrl-C reaches both processes (the child
+    stops the way `fn` does on Ctrl-C, then this one raises KeyboardInterrupt); a child killed by a signal (a
+    native crash, the OOM killer) is one line naming `what` and the signal. Any other exception in the child is
+    a bug: its traceback prints there and this one raises RuntimeError."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    receive, send = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_child, args=(fn, args, send), name=f"instar: {what}")
+    child.start()
+    send.close()  # the child holds the only write end now: its death ends recv() with EOFError
+    try:
+        try:
+            kind, value = receive.recv()
+        except EOFError:
+            kind, value = "died", None
+    except KeyboardInterrupt:
+        child.join()  # it got the same Ctrl-C: let it keep what it finished
+        raise
+    child.join()
+    if kind == "value":
+        return value
+    if kind == "error":
+        raise value
+    if kind == "interrupted":
+        raise KeyboardInterrupt
+    code = child.exitcode
+    if code is not None and code < 0:
+        name = signal.Signals(-code).name if -code in signal.valid_signals() else f"signal {-code}"
+        raise InstarError(f"{what} crashed ({name}) in its own process; what it stored is kept: run the same "
+                          "command again to go on")
+    raise RuntimeError(f"{what} failed in its own process (exit code {code}): see its traceback above")
+
+
+def _child(fn, args, conn) -> None:
+    try:
+        message = ("value", fn(*args))
+    except KeyboardInterrupt:
+        message = ("interrupted", None)
+    except InstarError as e:
+        message = ("error", e)
+    conn.send(message)
+    conn.close()

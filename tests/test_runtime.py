@@ -49,3 +49,17 @@ def test_cpu_busy_sees_a_spinning_process():
     finally:
         spin.kill()
         spin.wait()
+
+
+def test_in_child_returns_the_value_and_brings_errors_and_crashes_back_as_one_line(tmp_path):
+    import pytest
+
+    from instar import runtime
+    from instar.datasets.store import Store
+    from instar.errors import InstarError
+
+    assert runtime.in_child(os.getpid) != os.getpid()  # a value back, from another process
+    with pytest.raises(InstarError, match="database path is a directory"):  # the child's InstarError, as itself
+        runtime.in_child(Store.open, str(tmp_path))
+    with pytest.raises(InstarError, match=r"^the teacher crashed \(SIGABRT\) in its own process; what it stored"):
+        runtime.in_child(os.abort, what="the teacher")  # a native crash: one line, not a dead parent

@@ -78,19 +78,19 @@ def test_failure_lines_name_the_cause_and_the_way_out(tmp_path):
     assert probe_mod.failure_line(tmp_path / "m.gguf", 1, "trace\nValueError: bad file\n").endswith("bad file")
 
 
+# Loaded by every Python process of the command (sitecustomize, through PYTHONPATH): `instar run`'s teacher
+# runs in a child process of its own, which a monkeypatch in the parent would not reach.
 CRASHING = """
 import sys
 from instar.generate import probe
 probe.probe_command = lambda path, n_ctx: [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGILL)"]
-sys.argv = ["instar"] + sys.argv[1:]
-from instar.cli import main
-main()
 """
 
 
 @pytest.mark.parametrize("command", [["generate", "corpus", "-n", "5"],
                                      ["run", "--config", "configs/ci.toml", "--set", "data.math_sft=0"]])
 def test_a_crashing_teacher_exits_2_with_one_line_and_keeps_the_store(tmp_path, store, db_path, command):
+    import os
     from pathlib import Path
 
     from instar.datasets.store import Provenance
@@ -98,9 +98,12 @@ def test_a_crashing_teacher_exits_2_with_one_line_and_keeps_the_store(tmp_path, 
     store.add("text", [{"text": f"Stored document number {i} stays where it is."} for i in range(3)],
               Provenance(source="test"))
     root = Path(__file__).resolve().parents[1]
-    proc = subprocess.run([sys.executable, "-c", CRASHING, *command, "--db", str(db_path),
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(CRASHING)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-m", "instar.cli", *command, "--db", str(db_path),
                            *(["--set", f"out={tmp_path / 'runs'}"] if command[0] == "run" else [])],
-                          capture_output=True, text=True, timeout=300, cwd=root)
+                          capture_output=True, text=True, timeout=300, cwd=root, env=env)
     assert proc.returncode == 2, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "SIGILL" in lines[0] and "Traceback" not in proc.stderr
