@@ -13,7 +13,8 @@ Resuming is the stages' own contract, not extra machinery here: a stage whose `<
 summary.json returns its summary without training, and an interrupted one continues from its checkpoint/.
 Dataset top-ups count what the store already holds. So re-running the same command after a crash or Ctrl-C
 skips what is done. Deliberately simple: stages run one after another in this process (no scheduler; a llama.cpp
-teacher writes the data from a child process, `teacher_generate`), and a changed config does not invalidate finished stages — use a new `out` for a new experiment.
+teacher writes the data from a child process, `teacher_generate`), and a changed config does not invalidate
+finished stages — use a new `out` for a new experiment.
 """
 
 from __future__ import annotations

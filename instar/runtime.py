@@ -18,8 +18,8 @@ import time
 
 from instar.errors import InstarError
 
-# Commands that load torch in this process (OpenMP's first reader). `generate` chooses when it imports llama.cpp,
-# and `run` chooses again once it knows its teacher's backend (`pipeline_run.run_pipeline`).
+# Commands that load torch in this process (OpenMP's first reader). `generate` chooses when it imports llama.cpp;
+# `run` runs a llama.cpp teacher in a child process (`in_child`), which chooses there.
 TORCH_COMMANDS = {"train", "eval", "run", "chat", "export"}
 
 
