@@ -211,8 +211,8 @@ def teacher_generate(store, gen, console):
 
     llama.cpp needs OpenMP's PASSIVE wait policy (runtime.py) and a process reads that policy once, so with the
     teacher in this process every training stage after it ran with sleeping OpenMP threads. Measured on a quiet
-    2-core Zen 3 (60 SFT steps of 32, tiny preset): 0.587 s/step PASSIVE vs 0.482 spinning (1.22x); GRPO steps
-    1.6x (docs/measured-facts.md). In a child the teacher keeps PASSIVE and the stages here spin. The child
+    2-core Zen 3 (tiny preset, the default run's batches): SFT steps 1.25x and GRPO steps 1.22x faster spinning
+    (docs/measured-facts.md). In a child the teacher keeps PASSIVE and the stages here spin. The child
     writes the same store file (SQLite in WAL mode) and sends back its GenerateResult; its errors and Ctrl-C
     come back as `runtime.in_child` says. An in-memory store (tests) generates here."""
     from instar.generate.pipeline import generate
