@@ -13,7 +13,7 @@ Resuming is the stages' own contract, not extra machinery here: a stage whose `<
 summary.json returns its summary without training, and an interrupted one continues from its checkpoint/.
 Dataset top-ups count what the store already holds. So re-running the same command after a crash or Ctrl-C
 skips what is done. Deliberately simple: stages run one after another in this process (no scheduler; a llama.cpp
-teacher writes the data from a child process, `teacher_generate`), and a changed config does not invalidate
+teacher writes the data from a child process, `teach`), and a changed config does not invalidate
 finished stages — use a new `out` for a new experiment.
 """
 
@@ -174,6 +174,28 @@ def top_up(store, cfg: PipelineConfig, grpo_cfg, console) -> dict[str, int]:
                                 documents=d.documents))
     # First: these conversations also fill the messages val split; they do not count toward `instructions`.
     derived = sft_math(store, cfg, grpo_cfg, console)  # conversations instar writes itself: not instructions
+    if t.backend in ("embedded", "llamacpp") and store.path is not None:
+        in_child(_teach_in_child, str(store.path), cfg, derived, what="the teacher")
+    else:
+        teach(store, cfg, derived, console)
+    return {kind: store.count(kind) for kind in KIND_OF.values()}
+
+
+def teach(store, cfg: PipelineConfig, derived: int, console) -> None:
+    """The teacher's part of `top_up`: every LLM-written kind to its target (`derived` SFT math conversations
+    already stored count on top of `instructions`).
+
+    `top_up` runs this in a process of its own when the teacher is llama.cpp (embedded, llamacpp): llama.cpp needs
+    OpenMP's PASSIVE wait policy (runtime.py) and a process reads that policy once, so with the teacher in this
+    process every training stage after it ran with sleeping OpenMP threads. Measured on a quiet 2-core Zen 3 (tiny
+    preset, the default run's batches): SFT steps 1.25x and GRPO steps 1.22x faster spinning
+    (docs/measured-facts.md). One child for the whole loop: the teacher loads and passes its probe once. It
+    writes the same store file (SQLite in WAL mode); its errors and Ctrl-C come back as `runtime.in_child` says.
+    An in-memory store (tests) is taught here."""
+    from instar.generate.pipeline import GenerateConfig, generate
+    from instar.generate.recipes import KIND_OF
+
+    t, d = cfg.teacher, cfg.data
     for kind in ("corpus", "instructions", "preferences", "math"):
         if kind == "instructions" and d.corpus_requests:  # the corpus is complete now
             from instar.generate.requests import topic_requests
@@ -200,34 +222,16 @@ def top_up(store, cfg: PipelineConfig, grpo_cfg, console) -> dict[str, int]:
             if extra and store.count(KIND_OF[kind], "val") > 0:
                 break
             gen.count = max(target, store.count(KIND_OF[kind]) + extra)
-            result = teacher_generate(store, gen, console)
+            result = generate(store, gen, console=console)
             console.print(f"{kind}: {result.accepted} accepted, {result.rejected} rejected, "
                           f"{result.duplicates} duplicates in {result.seconds:.0f} s ({result.status})")
-    return {kind: store.count(kind) for kind in KIND_OF.values()}
 
 
-def teacher_generate(store, gen, console):
-    """`generate` for `instar run`: in a process of its own when the teacher is llama.cpp (embedded, llamacpp).
-
-    llama.cpp needs OpenMP's PASSIVE wait policy (runtime.py) and a process reads that policy once, so with the
-    teacher in this process every training stage after it ran with sleeping OpenMP threads. Measured on a quiet
-    2-core Zen 3 (tiny preset, the default run's batches): SFT steps 1.25x and GRPO steps 1.22x faster spinning
-    (docs/measured-facts.md). In a child the teacher keeps PASSIVE and the stages here spin. The child
-    writes the same store file (SQLite in WAL mode) and sends back its GenerateResult; its errors and Ctrl-C
-    come back as `runtime.in_child` says. An in-memory store (tests) generates here."""
-    from instar.generate.pipeline import generate
-
-    if gen.backend in ("embedded", "llamacpp") and store.path is not None:
-        return in_child(_generate_in_child, str(store.path), gen, what="the teacher")
-    return generate(store, gen, console=console)
-
-
-def _generate_in_child(db: str, gen):
+def _teach_in_child(db: str, cfg: PipelineConfig, derived: int) -> None:
     from instar import report
     from instar.datasets.store import Store
-    from instar.generate.pipeline import generate
 
-    return generate(Store.open(db), gen, console=report.console)
+    teach(Store.open(db), cfg, derived, report.console)
 
 
 def sft_math(store, cfg: PipelineConfig, grpo_cfg, console) -> int:
@@ -295,7 +299,7 @@ def adopt(store, stage_out: Path, parent_id: str) -> str | None:
 
 def run_pipeline(cfg: PipelineConfig, store, console) -> dict:
     """Data, then every stage in order, then the report card and exports; return the pipeline summary."""
-    # A llama.cpp teacher runs in a child process (`teacher_generate`): OpenMP's policy here stays the one
+    # A llama.cpp teacher runs in a child process (`teach`): OpenMP's policy here stays the one
     # `runtime.start` chose for torch.
     from instar.report_card import report
     from instar.train import train_stage

@@ -108,3 +108,41 @@ def test_a_crashing_teacher_exits_2_with_one_line_and_keeps_the_store(tmp_path, 
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "SIGILL" in lines[0] and "Traceback" not in proc.stderr
     assert store.count("text") == 3
+
+
+RECORDING = """
+import os
+from instar.generate import pipeline
+
+def generate(store, gen, console=None):
+    with open(os.environ["INSTAR_TEST_CALLS"], "a") as f:
+        f.write(f"{os.getpid()} {gen.kind}\\n")
+    return pipeline.GenerateResult(kind=gen.kind, target=gen.count, before=0, status="stopped")
+
+pipeline.generate = generate
+"""
+
+
+def test_instar_run_teaches_every_kind_in_one_child_process(tmp_path, db_path):
+    """The llama.cpp teacher loads (and passes its probe) once per `instar run`, in one process that is not the
+    one that trains: every `generate` call of the top-up comes from the same other pid."""
+    import os
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(RECORDING)
+    calls = tmp_path / "calls.txt"
+    env = {**os.environ, "INSTAR_TEST_CALLS": str(calls),
+           "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-m", "instar.cli", "run", "--config", "configs/ci.toml", "--db",
+                             str(db_path), "--set", "data.math_sft=0", "--set", f"out={tmp_path / 'runs'}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=root, env=env)
+    _, stderr = proc.communicate(timeout=300)
+    # The fake teacher stores nothing, so the run stops at the split check: one line, exit 1.
+    assert proc.returncode == 1 and "needs `text` records" in stderr, stderr
+    rows = [line.split() for line in calls.read_text().splitlines()]
+    assert {kind for _, kind in rows} == {"corpus", "instructions", "math"}  # preference pairs: procedural here
+    assert len(rows) == 15  # each kind: its target, then 4 rounds for an empty val split
+    pids = {pid for pid, _ in rows}
+    assert len(pids) == 1 and pids != {str(proc.pid)}
