@@ -158,7 +158,7 @@ def test_records_iter_rows_stats_and_require(store):
 
 def test_nested_adds_share_one_transaction(store):
     with pytest.raises(RuntimeError):
-        with store.db.atomic():
+        with store.writing():
             store.add("text", [{"text": "first"}])
             store.add_failure("x", "raw")
             raise RuntimeError("killed before the batch ended")
@@ -184,3 +184,37 @@ def test_concurrent_first_opens_migrate_once(tmp_path):
     with ThreadPoolExecutor(4) as pool:
         seen = list(pool.map(open_and_look, range(4)))
     assert seen == [(len(MIGRATIONS), EXPECTED_COLUMNS["records"])] * 4
+
+
+def test_a_second_writer_waits_instead_of_failing(db_path):
+    """Two processes writing one database (two connections here): while one write transaction that read first
+    is open, another connection's write waits for it, and both land. With a DEFERRED transaction the second
+    writer commits in between and the first one's write fails at once ("database is locked")."""
+    import threading
+    import time
+
+    first = Store.open(db_path)
+    Store.open(db_path)  # migrated before the threads start
+    done = []
+
+    def second_writer():
+        other = Store.open(db_path)
+        other.add("text", [{"text": "from the other process"}])
+        done.append(time.monotonic())
+
+    with first.writing():
+        assert first.count("text") == 0  # a read inside the transaction, before its write
+        thread = threading.Thread(target=second_writer)
+        thread.start()
+        time.sleep(0.5)  # the other writer is waiting for the lock by now
+        assert not done
+        first.add("text", [{"text": "from this process"}])
+        committed = time.monotonic()
+    thread.join(10)
+    assert done and done[0] >= committed and first.count("text") == 2
+    assert first.db["runs"].count == 0  # and runs' writes go through the same door:
+    from instar.datasets import runs
+
+    run_id = runs.start_run(first, kind="train", stage="sft")
+    runs.log_metrics(first, run_id, 1, {"loss": 1.0})
+    assert first.db["metrics"].count == 1

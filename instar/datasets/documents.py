@@ -238,7 +238,7 @@ def import_documents(store, path: str | Path, max_chars: int = DOCUMENT_CHARS) -
         for f, text in texts.items():
             pieces = cut(text, max_chars)
             result.files += 1
-            with store.db.atomic():  # a file goes in whole or not at all
+            with store.writing():  # a file goes in whole or not at all
                 for i, piece in enumerate(pieces):
                     added = store.add("text", [{"text": piece}], Provenance(source="import", run_id=result.run_id,
                                                                             document=f"{f}#{i + 1}"))

@@ -248,7 +248,7 @@ def _import_batch(store: Store, batch: list[tuple[int, bytes, int]], kind: str |
         result.by_kind[line_kind] += 1
     if not valid and not failures:
         return
-    with store.db.atomic():
+    with store.writing():
         for line_kind, records in valid.items():
             added = store.add(line_kind, records, prov, validated=True)
             result.inserted += added.inserted

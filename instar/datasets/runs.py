@@ -25,7 +25,7 @@ def _json(value: Any) -> str:
 def start_run(store: Store, *, kind: str, stage: str, config: dict | None = None, out_dir: str | None = None,
               parent_id: str | None = None, name: str | None = None) -> str:
     run_id = f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(2).hex()}"
-    with store.db.atomic():
+    with store.writing():
         store.db["runs"].insert({"id": run_id, "kind": kind, "stage": stage, "name": name or stage,
                                  "status": "running", "config": _json(config or {}), "out_dir": out_dir,
                                  "parent_id": parent_id, "started_at": time.time()})
@@ -34,7 +34,7 @@ def start_run(store: Store, *, kind: str, stage: str, config: dict | None = None
 
 def resume_run(store: Store, run_id: str) -> None:
     """Mark an existing run as running again (after a crash or Ctrl-C)."""
-    with store.db.atomic():
+    with store.writing():
         store.db["runs"].update(run_id, {"status": "running", "finished_at": None})
 
 
@@ -42,7 +42,7 @@ def finish_run(store: Store, run_id: str, *, status: str = "done", summary: dict
     updates: dict[str, Any] = {"status": status, "finished_at": time.time()}
     if summary is not None:
         updates["summary"] = _json(summary)
-    with store.db.atomic():
+    with store.writing():
         store.db["runs"].update(run_id, updates)
 
 
@@ -50,7 +50,7 @@ def log_metrics(store: Store, run_id: str, step: int, values: dict[str, float]) 
     now = time.time()
     rows = [{"run_id": run_id, "step": step, "name": k, "value": float(v), "created_at": now}
             for k, v in values.items() if v is not None]
-    with store.db.atomic():
+    with store.writing():
         store.db["metrics"].insert_all(rows)
 
 
@@ -62,7 +62,7 @@ def log_samples(store: Store, run_id: str, step: int, samples: list[dict]) -> No
         extra = {k: v for k, v in s.items() if k not in ("prompt", "completion", "reward")}
         rows.append({"run_id": run_id, "step": step, "prompt": s.get("prompt"), "completion": s.get("completion"),
                      "reward": s.get("reward"), "extra": _json(extra) if extra else None, "created_at": now})
-    with store.db.atomic():
+    with store.writing():
         store.db["samples"].insert_all(rows)
 
 
@@ -109,12 +109,12 @@ def metric_names(store: Store, run_id: str) -> list[str]:
 
 def set_parent(store: Store, run_id: str, parent_id: str) -> None:
     """Attach a run to a pipeline run (stages open their own rows; `instar run` ties them together)."""
-    with store.db.conn:
+    with store.writing():
         store.db["runs"].update(run_id, {"parent_id": parent_id})
 
 
 def forget_after(store: Store, run_id: str, step: int) -> None:
     """Drop metrics and samples logged after `step`: a run resumed from that step's checkpoint logs them again."""
-    with store.db.atomic():
+    with store.writing():
         store.db.execute("delete from metrics where run_id = ? and step > ?", [run_id, step])
         store.db.execute("delete from samples where run_id = ? and step > ?", [run_id, step])

@@ -9,11 +9,16 @@ Ids are content hashes (sha256 of the kind and the record's canonical JSON), so 
 record twice keeps one row and a re-run of any job is idempotent. The split is derived from the id
 (90% train / 5% val / 5% test), so a record never changes split when the dataset grows. Each `add`
 call is one transaction: a process killed mid-way leaves whole batches only. Several calls can share one
-transaction inside `with store.db.atomic():` (nested calls become savepoints), as `data import` does.
+transaction inside `with store.writing():` (nested calls become savepoints), as `data import` does.
+
+Several processes may use one database at once (`instar generate` in one terminal, `instar train` in another;
+`instar run`'s teacher child): every write transaction takes SQLite's write lock when it begins
+(`Store.writing`, BEGIN IMMEDIATE), so a second writer waits for it (busy timeout, 30 s) instead of failing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -128,6 +133,27 @@ class Store:
         return cls(db)
 
     # -- writing --------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def writing(self) -> Iterator["Store"]:
+        """One write transaction (a savepoint inside an open one) that holds SQLite's write lock from its start.
+
+        sqlite-utils' `atomic()` begins DEFERRED: a transaction that reads first (an insert looks up its table)
+        and then writes fails at once with "database is locked" when another process committed in between (WAL
+        mode cannot upgrade a stale read snapshot, and no busy timeout helps): an `instar run` training SFT beside
+        an `instar train sft` on the same database died writing its 260th step's metrics. BEGIN IMMEDIATE waits
+        for the lock instead (busy timeout), and then nothing can go stale."""
+        if self.db.conn.in_transaction:
+            with self.db.atomic():
+                yield self
+            return
+        self.db.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self
+        except BaseException:
+            self.db.conn.rollback()
+            raise
+        self.db.conn.execute("COMMIT")
+
     def add(self, kind: str, records: Iterable[Any], prov: Provenance | None = None,
             *, validated: bool = False) -> AddResult:
         """Insert records of one kind in one transaction. Duplicates (same content id) are skipped.
@@ -151,7 +177,7 @@ class Store:
         result = AddResult(duplicates=repeats, ids=[r["id"] for r in rows])
         if not rows:
             return result
-        with self.db.atomic():  # one transaction per batch (a savepoint inside a caller's transaction)
+        with self.writing():  # one transaction per batch (a savepoint inside a caller's transaction)
             existing = self.existing_ids([r["id"] for r in rows])
             fresh = [r for r in rows if r["id"] not in existing]
             if fresh:
@@ -170,7 +196,7 @@ class Store:
 
     def add_failure(self, reason: str, raw: str | None = None, *, kind: str | None = None,
                     run_id: str | None = None, seed: int | None = None) -> None:
-        with self.db.atomic():
+        with self.writing():
             self.db["failures"].insert({"run_id": run_id, "kind": kind, "reason": reason, "raw": raw,
                                         "seed": seed, "created_at": time.time()})
 

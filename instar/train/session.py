@@ -98,7 +98,7 @@ class Session:
         """("metrics", step, {name: value}) and ("samples", step, [row]) items, in one transaction."""
         if not (self.is_main and self.run_id and rows):
             return
-        with self.store.db.atomic():
+        with self.store.writing():
             for what, step, payload in rows:
                 (runs.log_metrics if what == "metrics" else runs.log_samples)(self.store, self.run_id, step, payload)
 
