@@ -122,20 +122,22 @@ def test_documents_become_continuation_requests_with_their_own_pairs(store):
 
 
 def test_corpus_documents_become_requests_about_their_topics(store):
-    """generate/requests.py: one conversation per document with a topic (imported text has none), the document
-    as the answer, stored once however often the pipeline resumes; the wording varies across documents."""
-    from instar.generate.requests import REQUESTS, TEMPLATE, topic_requests
+    """generate/requests.py: PER_DOCUMENT conversations per document with a topic (imported text has none), the
+    document as the answer, in different wordings, stored once however often the pipeline resumes; the wording
+    varies across documents."""
+    from instar.generate.requests import PER_DOCUMENT, REQUESTS, TEMPLATE, topic_requests
 
     docs = [(f"Document {i} about the sea and its waves, told in short sentences.", f"topic {i % 3}") for i in range(12)]
     for text, topic in docs:
         store.add("text", [{"text": text}], Provenance(source="embedded", topic=topic))
     store.add("text", [{"text": "An imported page without a topic at all."}], Provenance(source="import"))
-    assert topic_requests(store, 0) == 12 and topic_requests(store, 0) == 12
+    assert PER_DOCUMENT == 2 and topic_requests(store, 0) == 24 and topic_requests(store, 0) == 24
     convs = [r["data"]["messages"] for r in store.iter_rows("messages")]
-    assert len(convs) == 12 and all(r["source"] == "procedural" for r in store.iter_rows("messages"))
+    assert len(convs) == 24 and all(r["source"] == "procedural" for r in store.iter_rows("messages"))
     topic_of = dict(docs)
     assert {c[1]["content"] for c in convs} == set(topic_of)
     for request, answer in ((c[0]["content"], c[1]["content"]) for c in convs):
         assert request in {f.format(topic=topic_of[answer]) for f in REQUESTS}
     assert len({c[0]["content"].rsplit(" about ", 1)[0] for c in convs}) > 2
-    assert store.db.execute("select count(*) from records where template = ?", [TEMPLATE]).fetchone()[0] == 12
+    assert all(len({c[0]["content"] for c in convs if c[1]["content"] == text}) == 2 for text, _ in docs)
+    assert store.db.execute("select count(*) from records where template = ?", [TEMPLATE]).fetchone()[0] == 24

@@ -1,6 +1,6 @@
 """The corpus as chat: each teacher-written document becomes the answer to a request about its topic.
 
-    topic_requests(store, seed=0)            -> conversations now stored (one per document with a topic)
+    topic_requests(store, seed=0)            -> conversations now stored (PER_DOCUMENT per document with a topic)
     topic_request("The sea is ...", "the sea", 3) -> [user "Tell me about the sea.", assistant "The sea is ..."]
 
 The teacher wrote every corpus document for a prompt about a topic (`prompts.CORPUS`: "Write {style} about
@@ -10,7 +10,11 @@ those do not cover. Measured on the default run's data (tiny preset, 300 SFT ste
 Zen 3; the same store with and without them): replies to the 66 hand-written chat prompts with repeated 3-grams
 0.107 -> 0.010, distinct bigrams 0.48 -> 0.71, bits per byte on the hand-written text 5.23 -> 4.47; drill replies
 0.34 -> 0.39 (2-3 of 62 prompts, within noise). The request's wording varies (REQUESTS) so the student learns
-the topic, not one sentence pattern. Documents imported by the user (`instar data import`) carry no topic and
+the topic, not one sentence pattern. Two requests per document in 16 wordings (v2) instead of one in 8 (v1),
+measured on the Quickstart run's data and pretrain, default SFT (900 steps, math share 0.8), seeds 0 / 1, quiet
+Zen 3: drill replies to the hand-written chat prompts 0.40 / 0.58 -> 0.32 / 0.39, external arithmetic 0.191 /
+0.140 -> 0.155 / 0.162 (within the ~5 points a seed moves it), hand-written text bits per byte 5.27 / 5.16 ->
+5.10 / 5.11. Documents imported by the user (`instar data import`) carry no topic and
 are left out.
 """
 
@@ -23,22 +27,27 @@ from instar.datasets.store import Provenance
 REQUESTS = ["Tell me about {topic}.", "Write a short text about {topic}.", "Can you write a few sentences about "
             "{topic}?", "Describe {topic} in simple words.", "I'd like to read something about {topic}.",
             "Say something about {topic}.", "Write a little about {topic} for me.", "What can you tell me about "
-            "{topic}?"]
-TEMPLATE = "topic-request-v1"
+            "{topic}?", "What do you know about {topic}?", "Could you talk a bit about {topic}?", "Please write "
+            "something about {topic}.", "How would you describe {topic}?", "Share a few thoughts on {topic}.",
+            "I am curious about {topic}. What can you say?", "Do you have anything to say about {topic}?",
+            "Write about {topic}, please."]
+PER_DOCUMENT = 2  # requests per document, in different wordings
+TEMPLATE = "topic-request-v2"  # v1: one request per document, 8 wordings
 
 
-def topic_request(text: str, topic: str, seed: int) -> list[dict]:
-    """The conversation of one document: a request (its wording drawn from the text and seed) and the text."""
+def topic_request(text: str, topic: str, seed: int, nth: int = 0) -> list[dict]:
+    """The `nth` conversation of one document: a request (its wording drawn from the text, seed and nth; the
+    wordings of one document all differ) and the text."""
     k = int(hashlib.sha256(f"{seed}:{text}".encode()).hexdigest()[:8], 16)
-    return [{"role": "user", "content": REQUESTS[k % len(REQUESTS)].format(topic=topic)},
+    return [{"role": "user", "content": REQUESTS[(k + nth * 7) % len(REQUESTS)].format(topic=topic)},
             {"role": "assistant", "content": text}]
 
 
 def topic_requests(store, seed: int) -> int:
-    """Store the conversation of every stored `text` record that has a topic; return how many are stored now
-    (already stored ones count: the store skips duplicates)."""
+    """Store PER_DOCUMENT conversations of every stored `text` record that has a topic; return how many are
+    stored now (already stored ones count: the store skips duplicates)."""
     rows = [(r["data"]["text"], r["topic"]) for r in store.iter_rows("text") if r.get("topic")]
     for text, topic in rows:
-        store.add("messages", [{"messages": topic_request(text, topic, seed)}],
+        store.add("messages", [{"messages": topic_request(text, topic, seed, nth)} for nth in range(PER_DOCUMENT)],
                   Provenance(source="procedural", template=TEMPLATE, seed=seed, topic=topic))
-    return len(rows)
+    return len(rows) * PER_DOCUMENT
