@@ -14,7 +14,10 @@ the topic, not one sentence pattern. Two requests per document in 16 wordings (v
 measured on the Quickstart run's data and pretrain, default SFT (900 steps, math share 0.8), seeds 0 / 1, quiet
 Zen 3: drill replies to the hand-written chat prompts 0.40 / 0.58 -> 0.32 / 0.39, external arithmetic 0.191 /
 0.140 -> 0.155 / 0.162 (within the ~5 points a seed moves it), hand-written text bits per byte 5.27 / 5.16 ->
-5.10 / 5.11. Documents imported by the user (`instar data import`) carry no topic and
+5.10 / 5.11. On the next Quickstart run's data (other teacher instructions; seed 0): one in 8 (v1) -> two in 16
+(v2) -> two in 24, half of them questions (v3): drill replies 0.55 -> 0.53 -> 0.42, external arithmetic 0.065 ->
+0.108 -> 0.119. The drills were mostly questions ("What is the capital of Japan?" -> "5 + 5 = 11") and the chat
+side had almost none: every question the student saw was math. Documents imported by the user (`instar data import`) carry no topic and
 are left out.
 """
 
@@ -24,15 +27,19 @@ import hashlib
 
 from instar.datasets.store import Provenance
 
-REQUESTS = ["Tell me about {topic}.", "Write a short text about {topic}.", "Can you write a few sentences about "
-            "{topic}?", "Describe {topic} in simple words.", "I'd like to read something about {topic}.",
-            "Say something about {topic}.", "Write a little about {topic} for me.", "What can you tell me about "
-            "{topic}?", "What do you know about {topic}?", "Could you talk a bit about {topic}?", "Please write "
-            "something about {topic}.", "How would you describe {topic}?", "Share a few thoughts on {topic}.",
-            "I am curious about {topic}. What can you say?", "Do you have anything to say about {topic}?",
-            "Write about {topic}, please."]
+REQUESTS = [  # half of them questions (what/why/how/who/do/can): chat is not only orders, and math not the only question
+    "Tell me about {topic}.", "Write a short text about {topic}.", "Describe {topic} in simple words.",
+    "I'd like to read something about {topic}.", "Say something about {topic}.", "Write a little about {topic} for me.",
+    "Please write something about {topic}.", "Share a few thoughts on {topic}.", "Write about {topic}, please.",
+    "I am curious about {topic}. Tell me more.", "Talk to me about {topic}.", "Give me a few lines on {topic}.",
+    "What can you tell me about {topic}?", "What do you know about {topic}?", "What is special about {topic}?",
+    "What is there to say about {topic}?", "Why is {topic} worth thinking about?", "How would you describe {topic}?",
+    "How would you explain {topic} to a friend?", "Who might like to hear about {topic}?",
+    "Can you write a few sentences about {topic}?", "Could you talk a bit about {topic}?",
+    "Do you have anything to say about {topic}?", "Have you got a story or a thought about {topic}?",
+]
 PER_DOCUMENT = 2  # requests per document, in different wordings
-TEMPLATE = "topic-request-v2"  # v1: one request per document, 8 wordings
+TEMPLATE = "topic-request-v3"  # v1: one request per document, 8 wordings; v2: two, 16 wordings (4 questions)
 
 
 def topic_request(text: str, topic: str, seed: int, nth: int = 0) -> list[dict]:
