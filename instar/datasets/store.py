@@ -149,10 +149,10 @@ class Store:
         self.db.conn.execute("BEGIN IMMEDIATE")
         try:
             yield self
-        except BaseException:
+            self.db.conn.execute("COMMIT")
+        except BaseException:  # the body, or COMMIT itself: never leave the transaction open (as atomic() does)
             self.db.conn.rollback()
             raise
-        self.db.conn.execute("COMMIT")
 
     def add(self, kind: str, records: Iterable[Any], prov: Provenance | None = None,
             *, validated: bool = False) -> AddResult:

@@ -17,8 +17,8 @@ Zen 3: drill replies to the hand-written chat prompts 0.40 / 0.58 -> 0.32 / 0.39
 5.10 / 5.11. On the next Quickstart run's data (other teacher instructions; seed 0): one in 8 (v1) -> two in 16
 (v2) -> two in 24, half of them questions (v3): drill replies 0.55 -> 0.53 -> 0.42, external arithmetic 0.065 ->
 0.108 -> 0.119. The drills were mostly questions ("What is the capital of Japan?" -> "5 + 5 = 11") and the chat
-side had almost none: every question the student saw was math. Documents imported by the user (`instar data import`) carry no topic and
-are left out.
+side had almost none: every question the student saw was math. Documents imported by the user (`instar data
+import`) carry no topic and are left out.
 """
 
 from __future__ import annotations
