@@ -175,7 +175,8 @@ def top_up(store, cfg: PipelineConfig, grpo_cfg, console) -> dict[str, int]:
     # First: these conversations also fill the messages val split; they do not count toward `instructions`.
     derived = sft_math(store, cfg, grpo_cfg, console)  # conversations instar writes itself: not instructions
     if t.backend in ("embedded", "llamacpp") and store.path is not None:
-        in_child(_teach_in_child, str(store.path), cfg, derived, what="the teacher")
+        if teacher_pending(store, cfg, derived):  # a resumed run with its data complete starts no process
+            in_child(_teach_in_child, str(store.path), cfg, derived, what="the teacher")
     else:
         teach(store, cfg, derived, console)
     return {kind: store.count(kind) for kind in KIND_OF.values()}
@@ -203,7 +204,7 @@ def teach(store, cfg: PipelineConfig, derived: int, console) -> None:
             derived += (n := topic_requests(store, cfg.seed))
             if n:
                 console.print(f"corpus documents as chat requests about their topics: {n}")
-        target = getattr(d, kind) + (derived if kind == "instructions" and getattr(d, kind) else 0)
+        target = _target(d, kind, derived)
         if target == 0 or store.count(KIND_OF[kind]) >= target:
             continue
         if kind == "preferences" and d.preference_source == "procedural":
@@ -225,6 +226,25 @@ def teach(store, cfg: PipelineConfig, derived: int, console) -> None:
             result = generate(store, gen, console=console)
             console.print(f"{kind}: {result.accepted} accepted, {result.rejected} rejected, "
                           f"{result.duplicates} duplicates in {result.seconds:.0f} s ({result.status})")
+
+
+def _target(d: DataConfig, kind: str, derived: int) -> int:
+    return getattr(d, kind) + (derived if kind == "instructions" and getattr(d, kind) else 0)
+
+
+def teacher_pending(store, cfg: PipelineConfig, derived: int) -> bool:
+    """Whether `teach` has a kind below its target (checked in `teach`'s order: the requests need the corpus)."""
+    from instar.generate.recipes import KIND_OF
+    from instar.generate.requests import topic_requests
+
+    d = cfg.data
+    for kind in ("corpus", "instructions", "preferences", "math"):
+        if kind == "instructions" and d.corpus_requests:  # procedural and idempotent: `teach` stores the same
+            derived += topic_requests(store, cfg.seed)
+        target = _target(d, kind, derived)
+        if target and store.count(KIND_OF[kind]) < target:
+            return True
+    return False
 
 
 def _teach_in_child(db: str, cfg: PipelineConfig, derived: int) -> None:

@@ -146,3 +146,27 @@ def test_instar_run_teaches_every_kind_in_one_child_process(tmp_path, db_path):
     assert len(rows) == 15  # each kind: its target, then 4 rounds for an empty val split
     pids = {pid for pid, _ in rows}
     assert len(pids) == 1 and pids != {str(proc.pid)}
+
+
+def test_a_run_whose_data_is_complete_starts_no_teacher_process(tmp_path, db_path, monkeypatch):
+    """`top_up` asks `teacher_pending` first: the teacher's process (seconds of start-up) only when a kind is short,
+    in `teach`'s order, with the corpus's topic requests counted as `teach` counts them."""
+    from instar import pipeline_run, report
+    from instar.datasets.store import Provenance, Store
+    from instar.generate.requests import PER_DOCUMENT
+    from instar.pipeline_run import load_pipeline_config, teacher_pending, top_up
+
+    store = Store.open(db_path)
+    cfg = load_pipeline_config(None, ["data.corpus=2", "data.instructions=1", "data.preferences=0", "data.math=0",
+                                      "data.math_sft=0", f"out={tmp_path / 'runs'}"])
+    assert teacher_pending(store, cfg, 0)  # no corpus yet
+    store.add("text", [{"text": f"Tide pools hold small animals, number {i}."} for i in range(2)],
+              Provenance(topic="tide pools"))
+    assert teacher_pending(store, cfg, 0)  # the requests are stored now, the one teacher instruction is not
+    assert store.count("messages") == 2 * PER_DOCUMENT
+    store.add("messages", [{"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]}])
+    assert not teacher_pending(store, cfg, 0)
+    assert teacher_pending(store, cfg, 1)  # one more derived conversation stored before it: one more instruction due
+
+    monkeypatch.setattr(pipeline_run, "in_child", lambda *a, **k: pytest.fail("a teacher process was started"))
+    assert top_up(store, cfg, None, report.console)["messages"] == 2 * PER_DOCUMENT + 1
