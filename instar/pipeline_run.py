@@ -71,9 +71,10 @@ class DataConfig(StrictConfig):
     math_sft: int = Field(20000, ge=0, description="Procedural math conversations for SFT (generate/sft_math.py): "
                           "arithmetic and story problems of levels 1-5 with worked steps (columns for bigger numbers), "
                           "then 'Answer: N' — GRPO's families and prompt form, its held-out problems excluded.")
-    corpus_requests: bool = Field(True, description="Each corpus document with a topic also becomes an SFT chat "
-                                  "conversation: a request about its topic, answered by the document "
-                                  "(generate/requests.py; no generation cost, more chat beside `instructions`).")
+    corpus_requests: bool = Field(True, description="Each corpus document with a topic also becomes SFT chat "
+                                  "conversations: requests about its topic answered by the document, and its first "
+                                  "sentences continued by the rest (generate/requests.py; no generation cost, more "
+                                  "chat beside `instructions`).")
     math: int = Field(0, ge=0, description="Target stored `math` records (GRPO with train.grpo.source = 'store').")
     math_source: Literal["procedural", "llm", "rephrase"] = Field(
         "procedural", description="Math: procedural (no LLM), llm, or rephrase (procedural, reworded by the teacher).")
@@ -199,11 +200,11 @@ def teach(store, cfg: PipelineConfig, derived: int, console) -> None:
     t, d = cfg.teacher, cfg.data
     for kind in ("corpus", "instructions", "preferences", "math"):
         if kind == "instructions" and d.corpus_requests:  # the corpus is complete now
-            from instar.generate.requests import topic_requests
+            from instar.generate.requests import corpus_chat
 
-            derived += (n := topic_requests(store, cfg.seed))
+            derived += (n := corpus_chat(store, cfg.seed))
             if n:
-                console.print(f"corpus documents as chat requests about their topics: {n}")
+                console.print(f"corpus documents as chat (requests about their topics, continuations): {n}")
         target = _target(d, kind, derived)
         if target == 0 or store.count(KIND_OF[kind]) >= target:
             continue
@@ -235,12 +236,12 @@ def _target(d: DataConfig, kind: str, derived: int) -> int:
 def teacher_pending(store, cfg: PipelineConfig, derived: int) -> bool:
     """Whether `teach` has a kind below its target (checked in `teach`'s order: the requests need the corpus)."""
     from instar.generate.recipes import KIND_OF
-    from instar.generate.requests import topic_requests
+    from instar.generate.requests import corpus_chat
 
     d = cfg.data
     for kind in ("corpus", "instructions", "preferences", "math"):
         if kind == "instructions" and d.corpus_requests:  # procedural and idempotent: `teach` stores the same
-            derived += topic_requests(store, cfg.seed)
+            derived += corpus_chat(store, cfg.seed)
         target = _target(d, kind, derived)
         if target and store.count(KIND_OF[kind]) < target:
             return True

@@ -141,3 +141,29 @@ def test_corpus_documents_become_requests_about_their_topics(store):
     assert len({c[0]["content"].rsplit(" about ", 1)[0] for c in convs}) > 2
     assert all(len({c[0]["content"] for c in convs if c[1]["content"] == text}) == 2 for text, _ in docs)
     assert store.db.execute("select count(*) from records where template = ?", [TEMPLATE]).fetchone()[0] == 24
+
+
+def test_corpus_documents_are_continued_from_their_first_sentences(store):
+    """generate/requests.py: the user gives a document's first sentences (after an opener, or bare), the assistant
+    writes the rest, PER_DOCUMENT times per document of two or more sentences, stored once however often the
+    pipeline resumes; `corpus_chat` = topic requests + continuations."""
+    from instar.generate.requests import CONTINUE, CONTINUE_TEMPLATE, PER_DOCUMENT, continuations, corpus_chat
+
+    docs = [" ".join(f"Sentence {j} of document {i} about tides{'?' if j % 3 else '.'}" for j in range(2 + i % 4))
+            for i in range(12)]
+    for text in docs:
+        store.add("text", [{"text": text}], Provenance(source="embedded", topic="tides"))
+    store.add("text", [{"text": "One sentence only, with a topic."}], Provenance(source="embedded", topic="tides"))
+    store.add("text", [{"text": "Imported. Two sentences, no topic."}], Provenance(source="import"))
+    assert continuations(store, 0) == continuations(store, 0) == 12 * PER_DOCUMENT
+    convs = [r["data"]["messages"] for r in store.iter_rows("messages")]
+    assert len(convs) == 12 * PER_DOCUMENT
+    openers = set()
+    for user, assistant in ((c[0]["content"], c[1]["content"]) for c in convs):
+        opener = next(o for o in sorted(CONTINUE, key=len, reverse=True) if user.startswith(o))
+        openers.add(opener)
+        assert f"{user[len(opener):]} {assistant}" in docs and assistant.startswith("Sentence ")
+    assert len(openers) > 3
+    assert store.db.execute("select count(*) from records where template = ?",
+                            [CONTINUE_TEMPLATE]).fetchone()[0] == 12 * PER_DOCUMENT
+    assert corpus_chat(store, 0) == (13 + 12) * PER_DOCUMENT  # + the requests (the one-sentence document has those)

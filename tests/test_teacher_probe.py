@@ -161,7 +161,7 @@ def test_a_run_whose_data_is_complete_starts_no_teacher_process(tmp_path, db_pat
                                       "data.math_sft=0", f"out={tmp_path / 'runs'}"])
     assert teacher_pending(store, cfg, 0)  # no corpus yet
     store.add("text", [{"text": f"Tide pools hold small animals, number {i}."} for i in range(2)],
-              Provenance(topic="tide pools"))
+              Provenance(topic="tide pools"))  # one sentence each: topic requests, no continuations
     assert teacher_pending(store, cfg, 0)  # the requests are stored now, the one teacher instruction is not
     assert store.count("messages") == 2 * PER_DOCUMENT
     store.add("messages", [{"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]}])

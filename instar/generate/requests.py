@@ -1,7 +1,10 @@
-"""The corpus as chat: each teacher-written document becomes the answer to a request about its topic.
+"""The corpus as chat: each teacher-written document becomes the answer to requests about its topic, and the
+rest of itself after its first sentences.
 
+    corpus_chat(store, seed=0)               -> both kinds, how many conversations are stored now
     topic_requests(store, seed=0)            -> conversations now stored (PER_DOCUMENT per document with a topic)
     topic_request("The sea is ...", "the sea", 3) -> [user "Tell me about the sea.", assistant "The sea is ..."]
+    continuation("The sea is blue. Waves come.", 0) -> [user "Go on from here: The sea is blue.", assistant "Waves come."]
 
 The teacher wrote every corpus document for a prompt about a topic (`prompts.CORPUS`: "Write {style} about
 {topic} for {audience}..."), so "Tell me about {topic}." answered with that document is a true request and answer,
@@ -19,11 +22,22 @@ Zen 3: drill replies to the hand-written chat prompts 0.40 / 0.58 -> 0.32 / 0.39
 0.108 -> 0.119. The drills were mostly questions ("What is the capital of Japan?" -> "5 + 5 = 11") and the chat
 side had almost none: every question the student saw was math. Documents imported by the user (`instar data
 import`) carry no topic and are left out.
+
+Continuations (`continuation`): the user gives a document's first sentences after an opener ("Continue this
+text: ", "What comes next? ", or none), the assistant writes the rest; PER_DOCUMENT per document of two or more
+sentences. They add ~150 distinct prompts of plain prose without a digit in them, so "a prompt the student never
+saw" stops meaning "math". Measured on the Quickstart run's data with v3 requests (default SFT, 900 steps, seeds
+0 / 1, Zen 3): drill replies to the hand-written chat prompts 0.42 / 0.34 -> 0.31 / 0.16, hand-written text bits
+per byte 4.99 / 4.98 -> 4.77 / 4.69, external arithmetic 0.119 / 0.022 -> 0.140 / 0.018 (seed noise); replies
+with repeated 3-grams 0.016 / 0.038 -> 0.058 / 0.040, stopped within 48 tokens 0.50 / 0.44 -> 0.29 / 0.42 (the
+answers are longer). An earlier try (300 steps, math share 0.5, no topic requests) had raised the drills; with
+the requests and the 0.8 share they lower them.
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 
 from instar.datasets.store import Provenance
 
@@ -58,3 +72,41 @@ def topic_requests(store, seed: int) -> int:
         store.add("messages", [{"messages": topic_request(text, topic, seed, nth)} for nth in range(PER_DOCUMENT)],
                   Provenance(source="procedural", template=TEMPLATE, seed=seed, topic=topic))
     return len(rows) * PER_DOCUMENT
+
+
+CONTINUE = [  # how a user asks for the rest of a text; "" = the bare text, as people also paste it
+    "Continue this text: ", "Go on from here: ", "Finish this: ", "What comes next? ", "Carry on writing: ",
+    "Please continue: ", "Keep going: ", "Write the rest: ", "", "Continue the story: ", "Add a few more sentences: ",
+    "How does this go on? ",
+]
+CONTINUE_TEMPLATE = "corpus-continue-v1"
+
+
+def continuation(text: str, seed: int, nth: int = 0) -> list[dict] | None:
+    """The `nth` continuation of one document: the user gives its first sentences (after an opener), the
+    assistant writes the rest; None for a one-sentence document. Cuts and openers are drawn from the text, seed
+    and nth. Sentences end at . ! or ? before a space (a regex, enough for the teacher's plain prose)."""
+    sentences = [s for s in re.split(r"(?<=[.!?])\s+", text.strip()) if s]
+    if len(sentences) < 2:
+        return None
+    k = int(hashlib.sha256(f"{seed}:{text}".encode()).hexdigest()[:8], 16)
+    cut = 1 + (k + 3 * nth) % (len(sentences) - 1)
+    return [{"role": "user", "content": CONTINUE[(k + 5 * nth) % len(CONTINUE)] + " ".join(sentences[:cut])},
+            {"role": "assistant", "content": " ".join(sentences[cut:])}]
+
+
+def continuations(store, seed: int) -> int:
+    """Store PER_DOCUMENT continuations of every stored `text` record that has a topic (the teacher's corpus) and
+    more than one sentence; return how many are stored now."""
+    count = 0
+    for text, topic in [(r["data"]["text"], r["topic"]) for r in store.iter_rows("text") if r.get("topic")]:
+        convs = [c for nth in range(PER_DOCUMENT) if (c := continuation(text, seed, nth))]  # openers all differ
+        store.add("messages", [{"messages": c} for c in convs],
+                  Provenance(source="procedural", template=CONTINUE_TEMPLATE, seed=seed, topic=topic))
+        count += len(convs)
+    return count
+
+
+def corpus_chat(store, seed: int) -> int:
+    """The corpus as chat: topic requests and continuations; how many conversations of both are stored now."""
+    return topic_requests(store, seed) + continuations(store, seed)
