@@ -39,7 +39,8 @@ class TrainConfig(StrictConfig):
                                                    "(CPUs with AVX512-BF16 or AMX, CUDA; fp32 on MPS).")
     device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="auto = cuda, else mps (Apple), "
                                                           "else cpu.")
-    compile: bool = Field(False, description="torch.compile the model (first step costs 20-40 s on CPU).")
+    compile: bool = Field(False, description="torch.compile the model (first step costs 20-40 s on CPU; "
+                          "SFT's length buckets change the shape every step and recompile: 4x slower measured).")
     lora: bool = Field(False, description="Train LoRA adapters instead of all weights; merged into model/.")
     lora_r: int = Field(16, ge=1, description="LoRA rank.")
     lora_alpha: int = Field(32, ge=1, description="LoRA alpha (scale = alpha / r).")
