@@ -164,7 +164,8 @@ def test_a_run_whose_data_is_complete_starts_no_teacher_process(tmp_path, db_pat
               Provenance(topic="tide pools"))  # one sentence each: topic requests, no continuations
     assert teacher_pending(store, cfg, 0)  # the requests are stored now, the one teacher instruction is not
     assert store.count("messages") == 2 * PER_DOCUMENT
-    store.add("messages", [{"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]}])
+    hello = [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]
+    store.add("messages", [{"messages": hello}])
     assert not teacher_pending(store, cfg, 0)
     assert teacher_pending(store, cfg, 1)  # one more derived conversation stored before it: one more instruction due
 

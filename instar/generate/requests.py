@@ -4,7 +4,8 @@ rest of itself after its first sentences.
     corpus_chat(store, seed=0)               -> both kinds, how many conversations are stored now
     topic_requests(store, seed=0)            -> conversations now stored (PER_DOCUMENT per document with a topic)
     topic_request("The sea is ...", "the sea", 3) -> [user "Tell me about the sea.", assistant "The sea is ..."]
-    continuation("The sea is blue. Waves come.", 0) -> [user "Please continue: The sea is blue.", assistant "Waves come."]
+    continuation("The sea is blue. Waves come.", 0)
+        -> [user "Please continue: The sea is blue.", assistant "Waves come."]
 
 The teacher wrote every corpus document for a prompt about a topic (`prompts.CORPUS`: "Write {style} about
 {topic} for {audience}..."), so "Tell me about {topic}." answered with that document is a true request and answer,
