@@ -159,6 +159,16 @@ def test_phrasings_are_many_and_keep_the_numbers():
         assert sorted(numbers) == sorted(abs(int(x)) for x in re.findall(r"\d+", ar.expression(t))), q
 
 
+def test_about_a_third_of_the_questions_come_framed_in_words_no_chat_prompt_opens_with():
+    rng = random.Random(1)
+    questions = [ar.arithmetic_problem(rng, 2)[0] for _ in range(1000)]
+    framed = [q for q in questions if q.startswith(tuple(ar.PREAMBLES)) or q.endswith(tuple(ar.SUFFIXES))]
+    assert 0.25 < len(framed) / len(questions) < 0.45
+    assert {p for q in framed for p in ar.PREAMBLES if q.startswith(p)} == set(ar.PREAMBLES)
+    words = " ".join(ar.PREAMBLES + ar.SUFFIXES).lower()
+    assert not any(w in words for w in ("hello", "hi!", "thank", "good morning", "please"))
+
+
 def test_negative_results_never_get_counting_phrasings():
     rng = random.Random(5)
     for _ in range(500):

@@ -336,8 +336,33 @@ def _chain_terms(t: Tree) -> tuple[int, list[tuple[str, int]]]:
     return first, rest + [(t[0], t[2])]
 
 
+# Words around a question, as people write them: with FRAMED of the phrasings wrapped in one or both, the words
+# next to the numbers stop predicting the reply, and finding and copying the expression is what is learned.
+# No greetings or thanks: those open the everyday chat prompts the student must NOT answer with a drill.
+# Measured (the Quickstart data with continuations, its 20,000 math conversations regenerated with and without,
+# default SFT, seeds 0/1/2, Zen 3): external arithmetic 0.140/0.018/0.022 -> 0.097/0.072/0.061 (the worst seed
+# no longer fails to copy "Compute 31 + 16." into its first line), answer line 0.97/0.93/0.92 -> 0.99/0.96/0.99,
+# drill replies to the hand-written chat prompts 0.31/0.16/0.29 -> 0.16/0.18/0.15.
+PREAMBLES = ["Quick one:", "Here is a question.", "Math question:", "I have a sum for you.", "Homework help:",
+             "Try this one.", "Next problem.", "Let's see.", "One more:", "My teacher asked this.", "I'm stuck on this.",
+             "For practice:", "A small puzzle:", "Here's one.", "I wonder about this.", "Test yourself:"]
+SUFFIXES = ["Show your steps.", "Be careful.", "Take your time.", "I want to check my answer.", "It's for school.",
+            "No rush.", "Go step by step.", "Can you do it?", "I think it is easy.", "Write the working."]
+FRAMED = 0.35
+
+
 def phrase(rng: random.Random, t: Tree) -> str:
-    """One phrasing of `t`, drawn among those that fit its shape."""
+    """One phrasing of `t`, drawn among those that fit its shape; FRAMED of them inside a preamble and/or suffix."""
+    text = _phrase(rng, t)
+    if rng.random() >= FRAMED:
+        return text
+    frame = rng.choice(["pre", "post", "both"])
+    pre = rng.choice(PREAMBLES) + " " if frame != "post" else ""
+    post = " " + rng.choice(SUFFIXES) if frame != "pre" else ""
+    return f"{pre}{text.strip()}{post}"
+
+
+def _phrase(rng: random.Random, t: Tree) -> str:
     e = expression(t)
     choices = ["symbolic"] * 3
     binary = not isinstance(t, int) and isinstance(t[1], int) and isinstance(t[2], int)
