@@ -23,7 +23,7 @@ import json
 import time
 from importlib import resources
 from pathlib import Path
-from typing import Literal
+from typing import Iterator, Literal
 
 from pydantic import Field
 
@@ -198,16 +198,7 @@ def teach(store, cfg: PipelineConfig, derived: int, console) -> None:
     from instar.generate.recipes import KIND_OF
 
     t, d = cfg.teacher, cfg.data
-    for kind in ("corpus", "instructions", "preferences", "math"):
-        if kind == "instructions" and d.corpus_requests:  # the corpus is complete now
-            from instar.generate.requests import corpus_chat
-
-            derived += (n := corpus_chat(store, cfg.seed))
-            if n:
-                console.print(f"corpus documents as chat (requests about their topics, continuations): {n}")
-        target = _target(d, kind, derived)
-        if target == 0 or store.count(KIND_OF[kind]) >= target:
-            continue
+    for kind, target in short_kinds(store, cfg, derived, console):
         if kind == "preferences" and d.preference_source == "procedural":
             from instar.generate.pairs import procedural_pairs
 
@@ -229,23 +220,28 @@ def teach(store, cfg: PipelineConfig, derived: int, console) -> None:
                           f"{result.duplicates} duplicates in {result.seconds:.0f} s ({result.status})")
 
 
-def _target(d: DataConfig, kind: str, derived: int) -> int:
-    return getattr(d, kind) + (derived if kind == "instructions" and getattr(d, kind) else 0)
-
-
-def teacher_pending(store, cfg: PipelineConfig, derived: int) -> bool:
-    """Whether `teach` has a kind below its target (checked in `teach`'s order: the requests need the corpus)."""
+def short_kinds(store, cfg: PipelineConfig, derived: int, console=None) -> Iterator[tuple[str, int]]:
+    """(kind, target) of each kind `teach` must still fill, in its order, checked lazily: the corpus chat (topic
+    requests, continuations; procedural, idempotent) is stored when the instructions come up, so after a caller
+    has filled the corpus; its count adds to `derived` on top of `instructions`."""
     from instar.generate.recipes import KIND_OF
-    from instar.generate.requests import corpus_chat
 
     d = cfg.data
     for kind in ("corpus", "instructions", "preferences", "math"):
-        if kind == "instructions" and d.corpus_requests:  # procedural and idempotent: `teach` stores the same
-            derived += corpus_chat(store, cfg.seed)
-        target = _target(d, kind, derived)
+        if kind == "instructions" and d.corpus_requests:
+            from instar.generate.requests import corpus_chat
+
+            derived += (n := corpus_chat(store, cfg.seed))
+            if n and console is not None:
+                console.print(f"corpus documents as chat (requests about their topics, continuations): {n}")
+        target = getattr(d, kind) + (derived if kind == "instructions" and getattr(d, kind) else 0)
         if target and store.count(KIND_OF[kind]) < target:
-            return True
-    return False
+            yield kind, target
+
+
+def teacher_pending(store, cfg: PipelineConfig, derived: int) -> bool:
+    """Whether `teach` has a kind below its target."""
+    return next(short_kinds(store, cfg, derived), None) is not None
 
 
 def _teach_in_child(db: str, cfg: PipelineConfig, derived: int) -> None:
