@@ -60,7 +60,7 @@ TEMPLATE = "topic-request-v3"  # v1: one request per document, 8 wordings; v2: t
 def topic_request(text: str, topic: str, seed: int, nth: int = 0) -> list[dict]:
     """The `nth` conversation of one document: a request (its wording drawn from the text, seed and nth; the
     wordings of one document all differ) and the text."""
-    k = int(hashlib.sha256(f"{seed}:{text}".encode()).hexdigest()[:8], 16)
+    k = _draw(seed, text)
     return [{"role": "user", "content": REQUESTS[(k + nth * 7) % len(REQUESTS)].format(topic=topic)},
             {"role": "assistant", "content": text}]
 
@@ -68,11 +68,7 @@ def topic_request(text: str, topic: str, seed: int, nth: int = 0) -> list[dict]:
 def topic_requests(store, seed: int) -> int:
     """Store PER_DOCUMENT conversations of every stored `text` record that has a topic; return how many are
     stored now (already stored ones count: the store skips duplicates)."""
-    rows = [(r["data"]["text"], r["topic"]) for r in store.iter_rows("text") if r.get("topic")]
-    for text, topic in rows:
-        store.add("messages", [{"messages": topic_request(text, topic, seed, nth)} for nth in range(PER_DOCUMENT)],
-                  Provenance(source="procedural", template=TEMPLATE, seed=seed, topic=topic))
-    return len(rows) * PER_DOCUMENT
+    return _per_document(store, seed, TEMPLATE, lambda text, topic, nth: topic_request(text, topic, seed, nth))
 
 
 CONTINUE = [  # how a user asks for the rest of a text; "" = the bare text, as people also paste it
@@ -90,7 +86,7 @@ def continuation(text: str, seed: int, nth: int = 0) -> list[dict] | None:
     sentences = [s for s in re.split(r"(?<=[.!?])\s+", text.strip()) if s]
     if len(sentences) < 2:
         return None
-    k = int(hashlib.sha256(f"{seed}:{text}".encode()).hexdigest()[:8], 16)
+    k = _draw(seed, text)
     cut = 1 + (k + 3 * nth) % (len(sentences) - 1)
     return [{"role": "user", "content": CONTINUE[(k + 5 * nth) % len(CONTINUE)] + " ".join(sentences[:cut])},
             {"role": "assistant", "content": " ".join(sentences[cut:])}]
@@ -99,15 +95,26 @@ def continuation(text: str, seed: int, nth: int = 0) -> list[dict] | None:
 def continuations(store, seed: int) -> int:
     """Store PER_DOCUMENT continuations of every stored `text` record that has a topic (the teacher's corpus) and
     more than one sentence; return how many are stored now."""
-    count = 0
-    for text, topic in [(r["data"]["text"], r["topic"]) for r in store.iter_rows("text") if r.get("topic")]:
-        convs = [c for nth in range(PER_DOCUMENT) if (c := continuation(text, seed, nth))]  # openers all differ
-        store.add("messages", [{"messages": c} for c in convs],
-                  Provenance(source="procedural", template=CONTINUE_TEMPLATE, seed=seed, topic=topic))
-        count += len(convs)
-    return count
+    return _per_document(store, seed, CONTINUE_TEMPLATE, lambda text, topic, nth: continuation(text, seed, nth))
 
 
 def corpus_chat(store, seed: int) -> int:
     """The corpus as chat: topic requests and continuations; how many conversations of both are stored now."""
     return topic_requests(store, seed) + continuations(store, seed)
+
+
+def _draw(seed: int, text: str) -> int:
+    """A number fixed by the seed and the document: which wordings and cuts a document gets."""
+    return int(hashlib.sha256(f"{seed}:{text}".encode()).hexdigest()[:8], 16)
+
+
+def _per_document(store, seed: int, template: str, make) -> int:
+    """Store make(text, topic, nth) for nth < PER_DOCUMENT of every `text` record with a topic (None = none for
+    that nth: the openers of one document all differ, so the rest are distinct); return how many are stored."""
+    count = 0
+    for text, topic in [(r["data"]["text"], r["topic"]) for r in store.iter_rows("text") if r.get("topic")]:
+        convs = [c for nth in range(PER_DOCUMENT) if (c := make(text, topic, nth))]
+        store.add("messages", [{"messages": c} for c in convs],
+                  Provenance(source="procedural", template=template, seed=seed, topic=topic))
+        count += len(convs)
+    return count
