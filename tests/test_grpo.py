@@ -172,7 +172,8 @@ def test_training_batches_never_contain_held_out_problems():
 
 # --- end to end on a tiny arithmetic world ------------------------------------------------------------------
 FAMILIES = ["money", "ages"]  # both are single-digit sums at level 1, worded differently (arithmetic's level 1
-GRPO_FAST = ['families=["money", "ages"]',      # mixes sums and differences in ~90 phrasings: too much for 150 steps) "difficulty=1", "eval_difficulty=1", "curriculum=false",
+                              # mixes sums and differences in ~90 phrasings: too much for 150 steps)
+GRPO_FAST = ['families=["money", "ages"]', "difficulty=1", "eval_difficulty=1", "curriculum=false",
              'instruction=""', "max_new_tokens=24", "batch_size=8", "group_size=8", "save_every=0",
              "log_every=5", "sample_tokens=8", "seed=0"]
 
@@ -240,6 +241,36 @@ def test_grpo_raises_held_out_accuracy(arith_world, tmp_path):
     assert acc[0] == (0, start["accuracy"]) and acc[-1] == (15, end["accuracy"])
     for name in ("rollout_reward", "pass_rate", "completion_len", "kl", "clip_frac", "difficulty"):
         assert len(runs.metric_series(store, summary["run_id"], name)) == 15, name
+
+
+def test_ptx_teaches_the_worked_solutions_of_the_problems_the_samples_miss(arith_world, tmp_path):
+    """`ptx_coef`: a planted reward that never differs inside a group leaves GRPO itself no signal, so only the
+    ptx term can move the model: the SFT loss on the worked solutions (which end with the answer line) of the
+    problems fewer than half of whose samples were right. The stage-2 model ends 60% of its replies "The answer
+    is N.", so its greedy answer-line rate rises with ptx; without it no weight moves."""
+    from instar.train import grpo
+    from instar.train.models import load_model
+    from instar.train.rewards import math_messages
+
+    store, sft = arith_world
+
+    def verbatim(completions, row):  # right = the worked solution word for word; reward 0 all the same
+        want = math_messages(row, "")["messages"][-1]["content"]
+        return [0.0] * len(completions), [c.strip() == want for c in completions]
+
+    def train(out, ptx_coef):
+        fast = dict(kv.split("=", 1) for kv in GRPO_FAST if not kv.startswith(("families", "instruction")))
+        cfg = grpo.Config(**{**fast, "max_new_tokens": 48}, families=FAMILIES, instruction="", model=str(sft),
+                          out=str(tmp_path / out), max_steps=8, lr=1e-3, eval_problems=64, eval_every=0,
+                          external_eval=False, ptx_coef=ptx_coef)
+        return grpo.run(cfg, store, scorer=verbatim)
+
+    plain = train("plain", 0.0)
+    assert plain["end"]["format_rate"] == plain["start"]["format_rate"]
+    assert len(unchanged_params(load_model(sft)[0], load_model(tmp_path / "plain")[0])) == \
+        len(list(load_model(sft)[0].parameters()))
+    taught = train("ptx", 1.0)
+    assert taught["end"]["format_rate"] >= taught["start"]["format_rate"] + 0.2, (taught["start"], taught["end"])
 
 
 def test_every_trainable_parameter_changes_and_loss_is_finite(arith_world, tmp_path):
