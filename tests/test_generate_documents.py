@@ -208,3 +208,22 @@ def test_one_home_for_run_defaults_the_kind_map_and_the_embedded_model():
     assert cfg.data == DataConfig() and cfg.teacher == TeacherConfig()
     assert recipes.KIND_OF == {"corpus": "text", "instructions": "messages", "preferences": "preference", "math": "math"}
     assert "embedded_gguf" not in vars(models) and callable(backends.embedded_model_path)  # one locator
+
+
+@pytest.mark.parametrize("question, reason", [
+    ("What is the answer to this question?", "question names no subject"),
+    ("How to answer this?", "question names no subject"),
+    ("A question", "question names no subject"),
+    ("What is this?", "question names no subject"),
+    ("What does the passage say about bees?", "question refers to the passage"),
+    ("What do bees make?", None),
+    ("Who is Tom?", None),
+])
+def test_a_question_must_name_its_subject(question, reason):
+    """Questions the 135M teacher wrote about its own stories (session 11): made of question words only, they
+    cannot be answered without the passage the student never sees."""
+    from instar.generate.filters import grounding
+
+    passage = "Tom keeps bees. Bees make honey in the summer."
+    answer = "Bees make honey." if "bees" in question.lower() else "Tom keeps bees."
+    assert grounding(question, answer, passage) == reason

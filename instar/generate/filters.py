@@ -15,7 +15,8 @@ and "talks about the JSON" (the word JSON, or a field name in quotes, when the r
 `grounding(question, answer, passage)` is the check on questions about the user's documents: every number
 in the answer must occur in the passage, so must every capitalised word that does not start a sentence (a
 name), and at least `GROUNDED_OVERLAP` of the answer's content words (not stop words, 3+ letters, a plural
-"s" ignored) must occur in the passage; a question that says "the passage"/"the text" cannot stand alone. Near-duplicates are found with MinHash over word
+"s" ignored) must occur in the passage; a question that says "the passage"/"the text" cannot stand alone, and one
+made only of question words ("What is the answer to this question?") names no subject. Near-duplicates are found with MinHash over word
 3-grams and LSH banding (16 bands x 4 rows: a pair with Jaccard 0.8 collides with probability 0.9998,
 one with 0.3 with 0.13); candidates are then confirmed by the signature estimate >= `threshold`.
 """
@@ -42,6 +43,10 @@ JSON_TALK = re.compile(r'\bjson\b|"(text|instruction|response|question|answer|ex
 GROUNDED_OVERLAP = 0.6  # share of the answer's content words found in its passage (paraphrase leaves ~0.7-1.0)
 NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
 SELF_REFERENCE = re.compile(r"\b(the|this|that|above|given) (passage|text|document|excerpt|paragraph|article)\b", re.I)
+# Words a question can be made of without naming anything: "What is the answer to this question?", "How to answer
+# this?", "A question", "What is this?" (all accepted from the 135M teacher on its own corpus before this check).
+EMPTY_QUESTION = set("answer question what which who whom whose when where why how this these those there here "
+                     "about tell explain describe please something thing".split())
 
 
 def words(text: str) -> list[str]:
@@ -142,6 +147,8 @@ def grounding(question: str, answer: str, passage: str) -> str | None:
     """Why an answer is not supported by its passage (see the module docstring), or None."""
     if SELF_REFERENCE.search(question):
         return "question refers to the passage"
+    if not [w for w in _content(question) if w not in EMPTY_QUESTION]:
+        return "question names no subject"
     numbers = set(NUMBER.findall(passage.replace(",", "")))
     if any(n not in numbers for n in NUMBER.findall(answer.replace(",", ""))):
         return "ungrounded: number not in passage"
