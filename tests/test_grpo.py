@@ -156,6 +156,18 @@ def test_curriculum_moves_toward_half_pass_rate():
     assert c.update(1.0) == 5          # never above hi
 
 
+def test_the_curriculum_steers_by_the_problems_drawn_at_its_level():
+    """With mixed_levels 0.5 the first half of a batch is at the curriculum's level: only its pass rate counts."""
+    from instar.train.grpo import level_pass_rate
+
+    cfg = Config(batch_size=4, group_size=2, mixed_levels=0.5)
+    ro = {"correct": torch.tensor([1.0, 1.0, 1.0, 0.0] + [0.0] * 4)}  # level problems 3/4 right, mixed ones 0/4
+    assert level_pass_rate([ro, ro], cfg) == 0.75
+    assert level_pass_rate([ro], cfg.model_copy(update={"mixed_levels": 0.0})) == 0.375
+    assert level_pass_rate([ro], cfg.model_copy(update={"mixed_levels": 1.0})) == 0.375
+    assert level_pass_rate([ro], cfg.model_copy(update={"source": "store"})) == 0.375
+
+
 def test_training_batches_never_contain_held_out_problems():
     cfg = Config(families=["arithmetic"], eval_difficulty=1, eval_problems=40, batch_size=16)
     problems = Problems(cfg, store=None)

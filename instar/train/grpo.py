@@ -138,6 +138,16 @@ class Problems:
         return rows[:n - mixed] + rest[:mixed]
 
 
+def level_pass_rate(micros: list[dict], cfg: Config) -> float:
+    """The pass rate the curriculum steers by: over the problems drawn at its level only (the first ones of each
+    rollout batch, `Problems.batch`), not the `mixed_levels` share drawn from every level, whose pass rate does not
+    move with the level (with it, the default run's curriculum never left level 1); all problems when every one is
+    mixed or the source is the store."""
+    own = cfg.batch_size - round(cfg.batch_size * cfg.mixed_levels)
+    k = own * cfg.group_size if cfg.source == "procedural" and own > 0 else None
+    return sum(float(ro["correct"][:k].mean()) for ro in micros) / len(micros)
+
+
 @dataclass
 class Curriculum:
     """Difficulty dial: an exponential average of the pass rate (~3 steps of memory) steers the level."""
@@ -353,7 +363,7 @@ def run(cfg: Config, store, scorer: Scorer = score) -> dict:
 
     def step_updates(micros):
         if cfg.curriculum:  # the step's pass rate (all ranks) sets the next step's level
-            cur.update(s.all_mean({"p": sum(float(ro["correct"].mean()) for ro in micros) / len(micros)})["p"])
+            cur.update(s.all_mean({"p": level_pass_rate(micros, cfg)})["p"])
         return updates(s, model, ref, cfg, micros)
 
     def step_metrics(micros, sums):
