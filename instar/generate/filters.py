@@ -12,13 +12,13 @@ whole document: several sentences of plain, simple English..."), "echoes prompt 
 part of a prompt template), "template placeholder" (`{{response_json}}`, `{response_json}`, `[Your Name]`)
 and "talks about the JSON" (the word JSON, or a field name in quotes, when the request did not mention JSON).
 
-`grounding(question, answer, passage)` is the check on questions about the user's documents: every number
-in the answer must occur in the passage, so must every capitalised word that does not start a sentence (a
-name), and at least `GROUNDED_OVERLAP` of the answer's content words (not stop words, 3+ letters, a plural
-"s" ignored) must occur in the passage; a question that says "the passage"/"the text" cannot stand alone, and one
-made only of question words ("What is the answer to this question?") names no subject. Near-duplicates are found with MinHash over word
-3-grams and LSH banding (16 bands x 4 rows: a pair with Jaccard 0.8 collides with probability 0.9998,
-one with 0.3 with 0.13); candidates are then confirmed by the signature estimate >= `threshold`.
+`grounding(question, answer, passage)` is the check on questions about the user's documents: every number in the
+answer must occur in the passage, so must every capitalised word that does not start a sentence (a name), and at
+least `GROUNDED_OVERLAP` of the answer's content words (not stop words, 3+ letters, a plural "s" ignored) must
+occur in the passage; a question that says "the passage"/"the text" cannot stand alone, and one made only of
+question words ("What is the answer to this question?") names no subject. Near-duplicates are found with MinHash
+over word 3-grams and LSH banding (16 bands x 4 rows: a pair with Jaccard 0.8 collides with probability 0.9998, one
+with 0.3 with 0.13); candidates are then confirmed by the signature estimate >= `threshold`.
 """
 
 from __future__ import annotations
