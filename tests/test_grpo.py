@@ -260,7 +260,7 @@ def test_ptx_teaches_the_worked_solutions_of_the_problems_the_samples_miss(arith
     ptx term can move the model: the SFT loss on the worked solutions (which end with the answer line) of the
     problems fewer than half of whose samples were right. The stage-2 model ends 60% of its replies "The answer
     is N.", so its greedy answer-line rate rises with ptx; without it no weight moves."""
-    from instar.train import grpo
+    from instar.train import load_stage_config, train_stage
     from instar.train.models import load_model
     from instar.train.rewards import math_messages
 
@@ -271,16 +271,15 @@ def test_ptx_teaches_the_worked_solutions_of_the_problems_the_samples_miss(arith
         return [0.0] * len(completions), [c.strip() == want for c in completions]
 
     def train(out, ptx_coef):
-        fast = dict(kv.split("=", 1) for kv in GRPO_FAST if not kv.startswith(("families", "instruction")))
-        cfg = grpo.Config(**{**fast, "max_new_tokens": 48}, families=FAMILIES, instruction="", model=str(sft),
-                          out=str(tmp_path / out), max_steps=8, lr=1e-3, eval_problems=64, eval_every=0,
-                          external_eval=False, ptx_coef=ptx_coef)
-        return grpo.run(cfg, store, scorer=verbatim)
+        cfg = load_stage_config("grpo", None, GRPO_FAST + [
+            f"model={sft}", f"out={tmp_path / out}", "max_steps=8", "lr=1e-3", "eval_problems=64", "eval_every=0",
+            "external_eval=false", "max_new_tokens=48", f"ptx_coef={ptx_coef}"])
+        return train_stage("grpo", cfg, store, scorer=verbatim)
 
     plain = train("plain", 0.0)
     assert plain["end"]["format_rate"] == plain["start"]["format_rate"]
-    assert len(unchanged_params(load_model(sft)[0], load_model(tmp_path / "plain")[0])) == \
-        len(list(load_model(sft)[0].parameters()))
+    before = load_model(sft)[0]
+    assert len(unchanged_params(before, load_model(tmp_path / "plain")[0])) == len(list(before.parameters()))
     taught = train("ptx", 1.0)
     assert taught["end"]["format_rate"] >= taught["start"]["format_rate"] + 0.2, (taught["start"], taught["end"])
 

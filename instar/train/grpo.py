@@ -21,7 +21,7 @@ then a policy-gradient update. The one formulation, and where each piece comes f
 - optional ptx term (`ptx_coef`, after Ma et al. 2025, ReLIFT): + the SFT loss on the worked solutions of the
   step's problems that fewer than half of their samples got right (`demos`), which teaches what the samples rarely
   reach; on the default run's PPO model it turned GRPO's own held-out change from -3 / -0.5 points to +2.5 / +5.5
-  and the external arithmetic's from -0.7 / -0.4 to +1.4 / +1.1 (seeds 0 / 1; configs default.toml).
+  and the external arithmetic's from -0.7 / -0.4 to +1.4 / +1.1 (seeds 0 / 1; default.toml).
 Curriculum: the procedural difficulty (1..5) moves up when the smoothed pass rate rises above
 target_pass + band and down when it falls below target_pass - band, keeping groups mixed (all-wrong groups are
 the usual failure of tiny models: no signal at all). Held-out greedy pass@1 is measured at the start, every
@@ -53,7 +53,7 @@ from instar.train.evaluate import evaluate_math
 from instar.train.loop import Closure, Stage, autocast, fit, open_session
 from instar.train.losses import grpo_loss, group_advantages
 from instar.train.models import load_model, unwrap, wrap_lora
-from instar.train.rewards import INSTRUCTION, math_prompt, score
+from instar.train.rewards import INSTRUCTION, math_messages, math_prompt, score
 from instar.train.sampling import attention_kernel, generate, stopped
 from instar.train.sft import loss_fn as sft_loss
 from instar.train.tokens import collate, render_chat, token_logprobs
@@ -130,7 +130,7 @@ class Problems:
             pool = self.pool[min(self.levels, key=lambda d: abs(d - level))]
             g = torch.Generator().manual_seed(seed)
             return [pool[int(i)] for i in torch.randint(len(pool), (n,), generator=g)]
-        mixed = round(n * self.cfg.mixed_levels)
+        mixed = mixed_count(self.cfg)
         rows = [r for r in make_problems(8 * (n - mixed), seed, self.cfg.families, level) if r["question"] not in self.seen]
         if len(rows) < n - mixed:
             raise InstarError(f"level {level} has too few problems outside the held-out set; lower eval_problems")
@@ -138,13 +138,18 @@ class Problems:
         return rows[:n - mixed] + rest[:mixed]
 
 
+def mixed_count(cfg: Config) -> int:
+    """Problems of each batch drawn from every level (`mixed_levels`; procedural only): the last ones of the batch."""
+    return round(cfg.batch_size * cfg.mixed_levels) if cfg.source == "procedural" else 0
+
+
 def level_pass_rate(micros: list[dict], cfg: Config) -> float:
     """The pass rate the curriculum steers by: over the problems drawn at its level only (the first ones of each
     rollout batch, `Problems.batch`), not the `mixed_levels` share drawn from every level, whose pass rate does not
     move with the level (with it, the default run's curriculum never left level 1); all problems when every one is
     mixed or the source is the store."""
-    own = cfg.batch_size - round(cfg.batch_size * cfg.mixed_levels)
-    k = own * cfg.group_size if cfg.source == "procedural" and own > 0 else None
+    own = cfg.batch_size - mixed_count(cfg)
+    k = own * cfg.group_size if own > 0 else None
     return sum(float(ro["correct"][:k].mean()) for ro in micros) / len(micros)
 
 
@@ -210,8 +215,6 @@ def demos(tok, rows: list[dict], correct: torch.Tensor, cfg: Config, scorer: Sco
     (ids, assistant mask) of the worked solution (`rewards.math_messages`, the reply SFT taught) of every problem
     fewer than half of whose G samples were right. Left out: rows without a solution, a solution the scorer does
     not score right, one longer than `max_new_tokens` (the policy could not write it within budget)."""
-    from instar.train.rewards import math_messages
-
     out = []
     for i, row in enumerate(rows):
         if float(correct[i].mean()) >= 0.5 or not row.get("solution"):
