@@ -34,6 +34,18 @@ CLEAN_STORY = ("Mia found a small grey kitten under the stairs. She gave it warm
      "template placeholder"),
     ("text", {"text": "Write a short story with a lesson about a kite for a young child. Use short sentences and "
                       "simple words. The kite flew high over the hill."}, "echoes prompt text"),
+    ("messages", {"messages": [{"role": "user", "content": "Please plant 10 seeds in the [location] for me."},
+                               {"role": "assistant", "content": "I planted them in neat rows by the fence."}]},
+     "template placeholder"),  # quoted from a default run's teacher instructions, as the next two
+    ("messages", {"messages": [{"role": "user", "content": "Can you paint something like [Artist_Name]'s work?"},
+                               {"role": "assistant", "content": "Yes, with bright colours and thick strokes."}]},
+     "template placeholder"),
+    ("messages", {"messages": [{"role": "user", "content": "When does the museum open?"},
+                               {"role": "assistant", "content": "At nine. Please write to <EMAIL> to book a visit."}]},
+     "template placeholder"),
+    ("messages", {"messages": [{"role": "user", "content": "Write a Python function that sums a list."},
+                               {"role": "assistant", "content": "def total(xs: list[int]) -> int: return sum(xs) "
+                                                                "# see [1] and <b>the docs</b>"}]}, None),
     ("text", {"text": CLEAN_STORY}, None),
     ("messages", {"messages": [{"role": "user", "content": "How do I read a JSON file in Python?"},
                                {"role": "assistant", "content": "Open the file and call json.load on it to get a dict."}]},

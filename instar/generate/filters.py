@@ -9,7 +9,8 @@ degenerate repetition (a small model stuck in a loop). Three more catch text tha
 rather than an answer to it, each its own reason (seen in default runs of the 135M teacher):
 "echoes schema description" (shares a run of 6 words with a field description of outputs.py, e.g. "The
 whole document: several sentences of plain, simple English..."), "echoes prompt text" (6 words of a fixed
-part of a prompt template), "template placeholder" (`{{response_json}}`, `{response_json}`, `[Your Name]`)
+part of a prompt template), "template placeholder" (`{{response_json}}`, `{response_json}`, `[Your Name]`,
+`[location]`, `[Artist_Name]`, `<EMAIL>`)
 and "talks about the JSON" (the word JSON, or a field name in quotes, when the request did not mention JSON).
 
 `grounding(question, answer, passage)` is the check on questions about the user's documents: every number in the
@@ -38,7 +39,8 @@ WORD = re.compile(r"[A-Za-z']+|\S")
 ECHO_WORDS = 6  # a run this long shared with instructions is an echo; ordinary prose shares at most 3-4 words
 PLACEHOLDER = re.compile(r"\{\{[^{}\n]{0,40}\}\}|\{(response_json|response|instruction|input|output|json|topic|task|"
                          r"style|audience|question|answer|passage|text|context|query|prompt)\}|"
-                         r"\[(insert|your|add|enter) [^\]\n]{1,30}\]|<(insert|your) [^>\n]{1,30}>", re.I)
+                         r"\[(insert|your|add|enter) [^\]\n]{1,30}\]|<(insert|your) [^>\n]{1,30}>|"
+                         r"(?<![\w\]])\[[a-z]{3,20}(_[a-z]{2,20})*\](?!\()|<(?-i:[A-Z]{3,12}(_[A-Z]{2,12})*)>", re.I)
 JSON_TALK = re.compile(r'\bjson\b|"(text|instruction|response|question|answer|expression)"\s*:', re.I)
 GROUNDED_OVERLAP = 0.6  # share of the answer's content words found in its passage (paraphrase leaves ~0.7-1.0)
 NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
