@@ -108,15 +108,36 @@ def test_same_seed_same_prompts(tmp_path):
 
 
 def test_instructions_make_messages_records_and_echoes_are_filtered(store):
-    def reply(messages):
-        topic = messages[1]["content"].split(" about ")[1].split(".")[0]
+    def reply(messages):  # the request or question echoed as the answer
+        topic = messages[1]["content"].split(" about ")[1].split(".")[0].split(",")[0]
+        if '"question"' in messages[1]["content"]:
+            return json.dumps({"question": f"What is {topic} like?", "answer": f"What is {topic} like?"})
         return json.dumps({"instruction": f"Tell me about {topic} please.", "response": f"Tell me about {topic} please."})
-    bad = generate(store, GenerateConfig(kind="instructions", count=1, max_attempts=2), backend=FakeBackend(reply))
+    bad = generate(store, GenerateConfig(kind="instructions", count=1, max_attempts=4), backend=FakeBackend(reply))
     assert bad.accepted == 0 and bad.status == "stopped" and set(bad.reasons) == {"filter: echoes prompt"}
-    good = FakeBackend([json.dumps({"instruction": "Explain why the sky is blue.", "response": story(7)})])
-    generate(store, GenerateConfig(kind="instructions", count=1), backend=good)
-    rec = store.records("messages")[0]
-    assert [m["role"] for m in rec["messages"]] == ["user", "assistant"]
+
+    def good(messages):
+        n = len(backend.calls)
+        if '"question"' in messages[1]["content"]:
+            return json.dumps({"question": f"Why do {VOCAB[6 + n]}s fall in autumn?", "answer": story(100 + n)})
+        return json.dumps({"instruction": f"Explain why the {VOCAB[6 + n]} is blue.", "response": story(200 + n)})
+    backend = FakeBackend(good)
+    generate(store, GenerateConfig(kind="instructions", count=12), backend=backend)
+    recs = store.records("messages")
+    assert len(recs) == 12 and all([m["role"] for m in r["messages"]] == ["user", "assistant"] for r in recs)
+    # about half the items are short questions answered in prose (recipes.QUESTION_SHARE), opened by a drawn word
+    asked = [c["messages"][1]["content"] for c in backend.calls if '"question"' in c["messages"][1]["content"]]
+    assert 3 <= len(asked) <= 9
+    assert len({a.split('starting with "')[1].split('"')[0] for a in asked}) >= 3
+
+
+def test_a_question_that_is_not_one_question_is_refused_by_its_schema(store):
+    not_a_question = json.dumps({"question": "Tell me about the moon.", "answer": story(3)})
+    two = json.dumps({"question": "Why? And how?", "answer": story(3)})
+    backend = FakeBackend(lambda m: not_a_question if '"question"' in m[1]["content"] else two)
+    result = generate(store, GenerateConfig(kind="instructions", count=1, max_attempts=4), backend=backend)
+    assert result.accepted == 0 and set(result.reasons) <= {"schema mismatch: question", "schema mismatch: instruction"}
+    assert "schema mismatch: question" in result.reasons
 
 
 def judge_backend(first_score, second_score, same=False):

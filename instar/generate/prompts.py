@@ -8,7 +8,7 @@ or pool below changes, so records made by different prompts stay distinguishable
 
 from __future__ import annotations
 
-TEMPLATE_VERSION = "gen-v2"  # v2: grounded questions on the user's documents (GROUNDED, QUESTION_KINDS)
+TEMPLATE_VERSION = "gen-v3"  # v3: half the instructions are short questions (QUESTION_PAIR, QUESTION_WORDS)
 
 TOPICS = [
     "a lost dog", "the moon", "a rainy day", "baking bread", "a school trip", "a broken bicycle", "the ocean",
@@ -61,6 +61,12 @@ SYSTEM_READER = ("You write questions and answers about documents for training a
 CORPUS = "Write {style} about {topic} for {audience}. Use short sentences and simple words."
 INSTRUCTION_PAIR = ("Invent a request a user might send to an AI assistant about {topic}. The task: {task}. "
                     "Then write the assistant's answer.")
+# Short questions answered in prose: asked "invent a request", the teacher writes orders ("Provide a list of
+# ideas for..."), almost never a question, and a student whose only questions were math answered "What is the
+# capital of Japan?" with a sum. The opening word is drawn so that the questions are not all "What is".
+QUESTION_WORDS = ["What", "Why", "How", "Where", "Which", "Who", "When", "Can", "Do", "Is", "Are", "What"]
+QUESTION_PAIR = ('Write one short question a curious person might ask an AI assistant about {topic}, starting with '
+                 '"{word}". Then write the assistant\'s answer.')
 INSTRUCTION_ONLY = "Invent a request a user might send to an AI assistant about {topic}. The task: {task}."
 JUDGE = ("Request:\n{instruction}\n\nResponse 1:\n{first}\n\nResponse 2:\n{second}\n\n"
          "Score both responses for this request.")

@@ -34,9 +34,10 @@ from instar.generate import prompts as P
 from instar.generate.backends import Backend, BackendError
 from instar.generate.procedural import make_problems
 from instar.generate.safe_eval import UnsafeExpression, format_number, parse_number, safe_eval
-from instar.schemas.outputs import (Document, GroundedPair, Instruction, InstructionPair, Output, Reply, Verdict,
-                                    WordProblem, describe, json_schema)
+from instar.schemas.outputs import (Document, GroundedPair, Instruction, InstructionPair, Output, QuestionPair, Reply,
+                                    Verdict, WordProblem, describe, json_schema)
 
+QUESTION_SHARE = 0.5  # of the instructions (no --from): a short question and its answer (prompts.QUESTION_PAIR)
 MIN_MARGIN = 2  # judge points (1-10 scale) by which the chosen response must win in BOTH orders
 
 
@@ -125,6 +126,11 @@ def instructions(rng: random.Random, ask: Ask) -> Draft:
     if ask.passage is not None:
         return grounded(rng, ask)
     topic = ask.topic(rng)
+    if rng.random() < QUESTION_SHARE:
+        prompt = P.QUESTION_PAIR.format(topic=topic, word=rng.choice(P.QUESTION_WORDS))
+        qa = ask(P.SYSTEM_TEACHER, prompt, QuestionPair)
+        return Draft("messages", {"messages": [{"role": "user", "content": qa.question},
+                                               {"role": "assistant", "content": qa.answer}]}, prompt, topic=topic)
     prompt = P.INSTRUCTION_PAIR.format(topic=topic, task=rng.choice(P.TASK_TYPES))
     pair = ask(P.SYSTEM_TEACHER, prompt, InstructionPair)
     return Draft("messages", {"messages": [{"role": "user", "content": pair.instruction},

@@ -40,6 +40,13 @@ class InstructionPair(Output):
         "The assistant's helpful, correct and complete answer to that request."))
 
 
+class QuestionPair(Output):
+    question: str = Field(min_length=10, max_length=160, pattern=r'^[A-Z][^?"\\\n]{8,150}[?]$', description=(
+        "One short question a curious person might ask, ending with a question mark."))
+    answer: str = Field(min_length=20, max_length=600, description=(
+        "The assistant's answer in two or three clear sentences of plain English."))
+
+
 class GroundedPair(Output):
     question: str = Field(min_length=10, max_length=300, description=(
         "A question a reader might ask, understandable without the passage."))
