@@ -12,6 +12,8 @@ storage happen in pipeline.py, the same for every kind.
 Preferences: two candidates made differently (careful persona at temperature 0.3, hasty at 1.0), then the
 judge scores both in both orders. Kept only if both orders prefer the same candidate by at least
 `MIN_MARGIN` points; a zero difference is a tie, opposite signs are position bias ("inconsistent").
+Instructions: half the items (`QUESTION_SHARE`) a short question about the topic, opened by a drawn word and held by
+its schema to one sentence ending in "?", answered in prose; the rest a request of a drawn task type.
 Grounded instructions: the teacher reads one passage of the user's documents and writes a question that makes
 sense without it and the answer; `filters.grounding` rejects an answer the passage does not support.
 Math (LLM source): the model must give an arithmetic expression; instar evaluates it with the safe
