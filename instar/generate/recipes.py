@@ -116,6 +116,11 @@ class Ask:
         return self.raws[-1] if len(self.raws) == 1 else json.dumps(self.raws, ensure_ascii=False)
 
 
+def exchange(user: str, assistant: str) -> dict:
+    """A `messages` record of one turn each: what every instructions recipe stores."""
+    return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]}
+
+
 # -- one function per kind ------------------------------------------------------------------------------------
 def corpus(rng: random.Random, ask: Ask) -> Draft:
     style, topic = rng.choice(P.STYLES), ask.topic(rng)
@@ -131,12 +136,10 @@ def instructions(rng: random.Random, ask: Ask) -> Draft:
     if rng.random() < QUESTION_SHARE:
         prompt = P.QUESTION_PAIR.format(topic=topic, word=rng.choice(P.QUESTION_WORDS))
         qa = ask(P.SYSTEM_TEACHER, prompt, QuestionPair)
-        return Draft("messages", {"messages": [{"role": "user", "content": qa.question},
-                                               {"role": "assistant", "content": qa.answer}]}, prompt, topic=topic)
+        return Draft("messages", exchange(qa.question, qa.answer), prompt, topic=topic)
     prompt = P.INSTRUCTION_PAIR.format(topic=topic, task=rng.choice(P.TASK_TYPES))
     pair = ask(P.SYSTEM_TEACHER, prompt, InstructionPair)
-    return Draft("messages", {"messages": [{"role": "user", "content": pair.instruction},
-                                           {"role": "assistant", "content": pair.response}]}, prompt, topic=topic)
+    return Draft("messages", exchange(pair.instruction, pair.response), prompt, topic=topic)
 
 
 def grounded(rng: random.Random, ask: Ask) -> Draft:
@@ -148,8 +151,7 @@ def grounded(rng: random.Random, ask: Ask) -> Draft:
     reason = filters.grounding(pair.question, pair.answer, passage.text)
     if reason:
         raise Rejected(reason, ask.raw())
-    return Draft("messages", {"messages": [{"role": "user", "content": pair.question},
-                                           {"role": "assistant", "content": pair.answer}]}, pair.question,
+    return Draft("messages", exchange(pair.question, pair.answer), pair.question,
                  document=passage.ref)
 
 
