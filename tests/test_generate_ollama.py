@@ -114,7 +114,10 @@ def test_real_model_behind_the_ollama_api(store, serve):
                                             concurrency=2), backend=backend(server, concurrency=2))
     assert result.attempts == len(server.requests) and result.accepted + result.rejected == result.attempts
     body = server.requests[0]
-    assert body["format"]["required"] in (["instruction", "response"], ["question", "answer"]) and body["stream"] is False
+    assert body["stream"] is False
+    for sent in server.requests:  # each request carries the schema its prompt describes (request or question half)
+        asked = ["question", "answer"] if '"question"' in sent["messages"][-1]["content"] else ["instruction", "response"]
+        assert sent["format"]["required"] == asked
     assert body["options"]["num_predict"] == 160 and body["options"]["num_ctx"] == 2048
     rows = list(store.db["records"].rows)
     assert len(rows) == result.accepted and all(r["backend"] == "ollama" and r["model"] == MODEL for r in rows)

@@ -138,7 +138,10 @@ def test_real_model_behind_the_openai_api(store, serve):
     assert result.attempts == len(server.requests) and result.accepted + result.rejected == result.attempts
     body = server.requests[0]
     fmt = body["response_format"]
-    assert fmt["type"] == "json_schema" and fmt["json_schema"]["schema"]["required"] == ["instruction", "response"]
+    assert fmt["type"] == "json_schema"
+    for sent in server.requests:  # each request carries the schema its prompt describes (request or question half)
+        asked = ["question", "answer"] if '"question"' in sent["messages"][-1]["content"] else ["instruction", "response"]
+        assert sent["response_format"]["json_schema"]["schema"]["required"] == asked
     assert body["max_tokens"] == 160 and body["model"] == MODEL and "seed" in body
     rows = list(store.db["records"].rows)
     assert len(rows) == result.accepted and all(r["backend"] == "openai" and r["model"] == MODEL for r in rows)
