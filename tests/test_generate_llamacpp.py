@@ -14,9 +14,9 @@ from instar.datasets.store import validate_record
 from instar.errors import InstarError
 from instar.generate import backends
 from instar.generate.backends import (TEACHER_FILE, LlamaCppBackend, decoder_lanes, embedded_model_path,
-                                     embedded_teacher, schema_grammar)
+                                     embedded_teacher, import_llama_cpp, schema_grammar)
 from instar.generate.pipeline import GenerateConfig, generate
-from instar.schemas.outputs import Document, InstructionPair, json_schema
+from instar.schemas.outputs import Document, InstructionPair, QuestionPair, json_schema
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +61,13 @@ def test_grammar_excludes_control_chars_and_bounds_lengths_flat():
     gbnf = schema_grammar(json_schema(InstructionPair))
     assert r'char ::= [^"\\\x00-\x1F]' in gbnf
     assert 'char{20,1200}' in gbnf and "(char (char" not in gbnf  # nested 1200 deep crashed llama.cpp
+
+
+def test_pattern_repetitions_are_flat_and_parse():
+    gbnf = schema_grammar(json_schema(QuestionPair))  # pattern ^[A-Z][^?"\\\n]{8,150}[?]$
+    assert 'question ::= "\\"" [A-Z] question-1{8,150} [?] "\\"" space' in gbnf.splitlines()
+    assert "(question-1 (question-1" not in gbnf
+    import_llama_cpp().LlamaGrammar.from_string(gbnf, verbose=False)  # llama.cpp's own parser accepts it
 
 
 def test_context_overflow_is_a_failure_not_a_crash(embedded):

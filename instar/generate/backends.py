@@ -25,6 +25,7 @@ import importlib.util
 import itertools
 import json
 import os
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -145,17 +146,28 @@ def schema_grammar(schema: dict) -> str:
         if _CHAR_RULE not in gbnf:  # llama-cpp-python changed its rule: fail loudly rather than allow \x00
             raise RuntimeError("unexpected char rule in llama-cpp-python's JSON grammar; update schema_grammar")
         gbnf = gbnf.replace(_CHAR_RULE, _SAFE_CHAR_RULE)
-    # A maxLength string becomes `char char (char (char ...)?)?` nested maxLength deep; at 1200 llama.cpp's
-    # grammar parser fails and the process segfaults. GBNF's `char{min,max}` means the same and parses flat.
-    lines = []
-    for line in gbnf.splitlines():
-        name, sep, body = line.partition(" ::= ")
-        middle = body.removeprefix('"\\"" ').removesuffix(' "\\"" space')
-        total, optional = middle.count("char"), middle.count("(char")
-        if sep and middle != body and total and middle == _build_repetition("char", total - optional, total):
-            line = f'{name} ::= "\\"" char{{{total - optional},{total}}} "\\"" space'
-        lines.append(line)
-    return "\n".join(lines)
+    # A bounded repetition (a maxLength string, a pattern's `{8,150}`) becomes `x x (x (x ...)?)?`, nested as deep
+    # as its bound; at 1200 llama.cpp's grammar parser fails and the process segfaults. GBNF's `x{min,max}` means
+    # the same and parses flat.
+    return "\n".join(_flat_repetitions(line, _build_repetition) for line in gbnf.splitlines())
+
+
+def _flat_repetitions(line: str, build_repetition) -> str:
+    """One GBNF rule with every nested bounded repetition of a single item written as `item{min,max}`."""
+    name, sep, body = line.partition(" ::= ")
+    if not sep:
+        return line
+    for item in sorted(set(re.findall(r"[a-z][a-z0-9-]*", body)), key=len, reverse=True):
+        optional = len(re.findall(rf"\({re.escape(item)}[ )]", body))
+        if optional < 2:
+            continue
+        total = len(re.findall(rf"(?<![a-z0-9-]){re.escape(item)}(?![a-z0-9-{{])", body))
+        for lo in range(total - optional, -1, -1):
+            nested = build_repetition(item, lo, lo + optional)
+            if nested in body:
+                body = body.replace(nested, f"{item}{{{lo},{lo + optional}}}", 1)
+                break
+    return f"{name} ::= {body}"
 
 
 def decoder_lanes(slots: int, cores: int, lanes: int | None = None) -> tuple[int, int]:
