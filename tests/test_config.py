@@ -100,3 +100,15 @@ def test_resolved_config_dumps_for_storage():
     assert Stage.model_validate(cfg.model_dump()) == cfg
     with pytest.raises(ValueError):
         cfg.steps = "lots"  # validate_assignment
+
+
+@pytest.mark.parametrize("name", ["ci.toml", "smollm2.toml"])
+def test_shipped_configs_load_and_validate_every_stage(name):
+    """A misspelt key in a config the README tells users to run would only surface when they ran it."""
+    from pathlib import Path
+
+    from instar.pipeline_run import load_pipeline_config, stage_configs
+
+    path = Path(__file__).parent.parent / "configs" / name
+    cfgs = stage_configs(load_pipeline_config(path, ["out=x"]))
+    assert "grpo" in cfgs and all(c.out.startswith("x") for c in cfgs.values())
