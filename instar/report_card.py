@@ -48,6 +48,7 @@ EXTERNAL = {"ext_math_acc": ("external arithmetic: accuracy", False),
             "ext_chat_tokens": ("chat prompts: reply tokens", None),
             "ext_chat_stop": ("chat prompts: replies that stop", False),
             "ext_chat_reward": ("chat prompts: reward-model score", False),
+            "ext_chat_bpb": ("chat prompts: reference replies, bits/byte", True),
             "ext_text_bpb": ("hand-written text: bits/byte", True),
             "ext_cont_distinct": ("continuations: distinct words", False),
             "ext_cont_rep3": ("continuations: repeated 3-grams", True)}

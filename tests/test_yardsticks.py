@@ -31,13 +31,16 @@ def test_repetition_and_diversity_measures():
 
 
 def test_the_sets_are_hand_written_and_apart_from_the_teacher_pools():
-    from instar.evalsets import chat_prompts, text_paragraphs
+    from instar.evalsets import chat_prompts, chat_references, text_paragraphs
     from instar.generate import prompts as pools
     from instar.train.yardsticks import is_drill
 
     chats, paragraphs = chat_prompts(), text_paragraphs()
     assert len(chats) >= 60 and len(set(chats)) == len(chats) and not any(c.startswith("#") for c in chats)
     assert "Who are you?" in chats and not any(is_drill(c) for c in chats)
+    replies = chat_references()
+    assert [p for p, _ in replies] == list(chats) and not any(is_drill(r) for _, r in replies)
+    assert all(3 <= len(r.split()) <= 80 for _, r in replies) and len({r for _, r in replies}) == len(replies)
     assert len(paragraphs) >= 30 and all(40 <= len(p.split()) <= 120 for p in paragraphs)
     teacher = [t.lower() for t in pools.TOPICS + pools.TASK_TYPES]
     assert not any(t in c.lower() for t in teacher for c in chats)  # no pool entry appears in a prompt
@@ -67,6 +70,35 @@ def test_language_and_conversation_numbers_on_a_tiny_model(tiny):
     assert 1 <= chat["ext_chat_tokens"] <= 5 and chat["ext_chat_reward"] == pytest.approx(chat["ext_chat_tokens"])
     assert sum(b["input_ids"].shape[0] for b in seen) == len(chat_prompts())
     assert chat["ext_text_bpb"] == pytest.approx(lang["ext_text_bpb"])
+    assert chat["ext_chat_bpb"] > 1  # random init
+
+
+def test_chat_bpb_scores_the_reference_replies_and_falls_when_they_are_learned(tiny):
+    """`chat_bpb`: the bytes it divides by are exactly the replies' UTF-8 bytes (the prompts, the template and the
+    end of turn carry none), and a model trained on the reference conversations finds them far more likely."""
+    import copy
+
+    from instar.evalsets import chat_references
+    from instar.train import yardsticks
+    from instar.train.sft import loss_fn
+    from instar.train.tokens import collate, render_chat, token_bytes
+
+    model, tok = tiny
+    model = copy.deepcopy(model)
+    rows = [render_chat(tok, [{"role": "user", "content": p}, {"role": "assistant", "content": r}])
+            for p, r in chat_references()]
+    tbytes = token_bytes(tok)
+    assert sum(float(tbytes[i]) for ids, mask in rows for i, m in zip(ids, mask) if m) == \
+        sum(len(r.encode()) for _, r in chat_references())
+    before = yardsticks.chat_bpb(model, tok)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    batch = collate([ids for ids, _ in rows], [m for _, m in rows], tok.pad_token_id)
+    for _ in range(30):
+        loss_fn(model, batch).backward()
+        opt.step()
+        opt.zero_grad()
+    after = yardsticks.chat_bpb(model.eval(), tok)
+    assert after < 0.7 * before, (before, after)
 
 
 def test_a_model_that_only_drills_scores_drill_one(tiny, monkeypatch):

@@ -13,12 +13,17 @@ short word problems (60), products and quotients (23). It is read by the evaluat
 --data arithmetic`, the report card's "what generalises" rows, and the GRPO stage's external score.
 
     chat_prompts()                   # 62 hand-written chat prompts, none about arithmetic
+    chat_references()                # the same prompts, each with a hand-written reference reply
     text_paragraphs()                # 36 hand-written paragraphs of everyday prose
 
-`chat_prompts.txt` and `text.txt` were written by hand for instar too, unlike the teacher's pools in
-`instar/generate/prompts.py` (tests/test_yardsticks.py checks that no pool entry occurs in a prompt); the
-stages measure themselves on them at their start and end (`instar/train/yardsticks.py`). Lines starting with
-"#" are comments; a prompt per line, paragraphs separated by blank lines.
+`chat.jsonl` ({"prompt", "reply"} per line) and `text.txt` were written by hand for instar too, unlike the
+teacher's pools in `instar/generate/prompts.py` (tests/test_yardsticks.py checks that no pool entry occurs in a
+prompt): everyday requests, questions, rewrites, advice and facts; none asks for arithmetic, so a reply that is
+arithmetic or ends with an "Answer:" line is the model drilling math where it should talk. The reference replies
+are what a helpful assistant would say, in a sentence or three of plain English; the stages score how likely
+their model finds them (bits per byte) beside its own greedy replies. The stages measure themselves on these
+sets at their start and end (`instar/train/yardsticks.py`). In `text.txt` lines starting with "#" are comments
+and paragraphs are separated by blank lines.
 """
 
 from __future__ import annotations
@@ -55,8 +60,13 @@ def _lines(name: str) -> list[str]:
 
 
 @lru_cache(maxsize=None)
+def chat_references() -> tuple[tuple[str, str], ...]:
+    text = resources.files("instar.evalsets").joinpath("chat.jsonl").read_text(encoding="utf-8")
+    return tuple((r["prompt"], r["reply"]) for r in map(json.loads, filter(str.strip, text.splitlines())))
+
+
 def chat_prompts() -> tuple[str, ...]:
-    return tuple(line.strip() for line in _lines("chat_prompts.txt") if line.strip())
+    return tuple(p for p, _ in chat_references())
 
 
 @lru_cache(maxsize=None)

@@ -2,14 +2,15 @@
 
     language(model, tok)                  -> {"ext_text_bpb", "ext_cont_distinct", "ext_cont_rep3"}    (stage 1)
     conversation(model, tok, scorer=None) -> {"ext_chat_drill", "ext_chat_rep3", "ext_chat_distinct2",
-                                              "ext_chat_tokens", "ext_chat_stop", ["ext_chat_reward"], "ext_text_bpb"}
+                                              "ext_chat_tokens", "ext_chat_stop", ["ext_chat_reward"],
+                                              "ext_chat_bpb", "ext_text_bpb"}
     for_stage(cfg, tok, chat=True, scorer=None) -> Yardsticks            a stage's `Stage.yardsticks`: its parts
 
 Every stage's own held-out set comes from the same teacher and the same prompt pools as its training data, so
 it says the stage learned its data, not that it learned something general. These sets are hand-written and
 shipped in `instar/evalsets/` (no training path reads them), and every stage measures them at its start and end
 through the loop's `Stage.yardsticks` hook (`loop.fit` -> `Session.measure`):
-- `chat_prompts.txt`: 62 everyday requests, questions, rewrites, advice and facts, unlike the teacher's pools;
+- `chat.jsonl`: 62 everyday requests, questions, rewrites, advice and facts, unlike the teacher's pools;
   none asks for arithmetic. Greedy replies (what `instar chat` shows at temperature 0) are measured by
   * drill: the share that are arithmetic or carry an `Answer:` line (`is_drill`): a model swamped by math
     answers "Who are you?" with "1 + 5 = 6 Answer: 6"; issue 14's bar is <= 0.05 after SFT;
@@ -18,7 +19,9 @@ through the loop's `Stage.yardsticks` hook (`loop.fit` -> `Session.measure`):
   * distinct2: distinct word bigrams over all bigrams of all replies (Li et al. 2016): near 0 when every
     prompt gets the same reply;
   * tokens: mean reply length; stop: the share of replies that end with the stop token within the budget;
-  * reward: the reward model's mean score of the replies, where a reward model exists (PPO).
+  * reward: the reward model's mean score of the replies, where a reward model exists (PPO);
+  and each prompt's hand-written reference reply is scored in bits per byte (`chat_bpb`: the model's
+  likelihood of a good reply, in the chat template; a base model's chat skill that fine-tuning should keep).
 - `text.txt`: 36 short paragraphs of everyday prose, scored in bits per byte (comparable across tokenizers)
   in rows of TEXT_LEN tokens, the same for every stage whatever its `max_len`.
 - `OPENINGS`: the starts of plain sentences, continued greedily; distinct is the share of distinct words in a
@@ -42,6 +45,7 @@ measuring stage's own and never passed on.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,12 +54,13 @@ from typing import Callable
 import torch
 
 from instar.errors import InstarError
-from instar.evalsets import chat_prompts, text_paragraphs
+from instar.evalsets import chat_prompts, chat_references, text_paragraphs
 from instar.train.evaluate import external_arithmetic, math_prompt_form, score_rows
 from instar.train.models import EMBEDDED
 from instar.train.sampling import generate, stopped
-from instar.train.tokens import collate, pack_documents, render_chat, token_bytes
+from instar.train.tokens import collate, pack_documents, render_chat, token_bytes, token_logprobs
 
+VERSION = 2  # of the chat / language measures: values kept by an older instar (without ext_chat_bpb) are measured again
 TEXT_LEN = 256  # tokens per row of the external text: one context length for every stage, so bpb compares
 OPENINGS = ["The old man walked", "Yesterday I went to", "She opened the window and", "In the middle of the town",
             "When the rain stopped,", "My favourite thing to do is", "The teacher asked the children",
@@ -111,6 +116,25 @@ def text_bpb(model, tok, batch_size: int = 8) -> float:
 
 
 @torch.no_grad()
+def chat_bpb(model, tok, batch_size: int = 16) -> float:
+    """Bits per byte of the hand-written reference replies (`evalsets.chat_references`), each after its prompt in
+    the chat template; special tokens (the end of turn) carry no bytes and are left out, as in `text_bpb`."""
+    device, tbytes = next(model.parameters()).device, token_bytes(tok)
+    rows = [render_chat(tok, [{"role": "user", "content": p}, {"role": "assistant", "content": r}])
+            for p, r in chat_references()]
+    bits, n_bytes = 0.0, 0.0
+    for i in range(0, len(rows), batch_size):
+        batch = collate([ids for ids, _ in rows[i:i + batch_size]], [m for _, m in rows[i:i + batch_size]],
+                        tok.pad_token_id)
+        labels = batch["labels"].to(device)
+        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
+        nbytes = tbytes.to(device)[labels.clamp(min=0)] * (labels != -100)              # [B, L]
+        bits -= float((token_logprobs(logits, labels) * (nbytes > 0)).sum()) / math.log(2)
+        n_bytes += float(nbytes.sum())
+    return bits / max(n_bytes, 1.0)
+
+
+@torch.no_grad()
 def language(model, tok, max_new_tokens: int = 48) -> dict[str, float]:
     """Stage 1's yardsticks: bits per byte on the external text, and greedy continuations of OPENINGS."""
     gen = generate(model, tok, list(OPENINGS), max_new_tokens, temperature=0.0)
@@ -152,7 +176,7 @@ def conversation(model, tok, scorer: Callable | None = None, max_new_tokens: int
             batch = collate(seqs[i:i + batch_size], masks[i:i + batch_size], tok.pad_token_id)
             scores += scorer({k: v.to(device) for k, v in batch.items()}).float().tolist()
         out["ext_chat_reward"] = mean(scores)
-    return {**out, "ext_text_bpb": text_bpb(model, tok)}
+    return {**out, "ext_chat_bpb": chat_bpb(model, tok), "ext_text_bpb": text_bpb(model, tok)}
 
 
 @dataclass
@@ -178,7 +202,7 @@ def for_stage(cfg, tok, chat: bool = True, scorer: Callable | None = None,
     arithmetic when `cfg.external_eval`, asked with `instruction` (default: the run's prompt form,
     `evaluate.math_prompt_form`, which `instar run` keeps beside the stages)."""
     tokens = cfg.sample_tokens
-    first = Part({"chat": chat, "tokens": tokens},
+    first = Part({"chat": chat, "tokens": tokens, "version": VERSION},
                  (lambda m: conversation(m, tok, scorer, tokens)) if chat else (lambda m: language(m, tok, tokens)),
                  frozenset({"ext_chat_reward"}) if scorer is not None else frozenset())
     if not cfg.external_eval:
