@@ -55,6 +55,35 @@ def test_killed_and_resumed_run_follows_the_same_loss_curve(tmp_path, monkeypatc
     assert resumed["end"]["val_loss"] == pytest.approx(whole["end"]["val_loss"], abs=2e-3)
 
 
+def test_an_error_outside_an_update_keeps_the_finished_steps(tmp_path, monkeypatch):
+    """The final evaluation failing after the last step of a run without periodic checkpoints (a file missing once
+    cost 40 GRPO steps of SmolLM2) leaves a checkpoint of that step: the same command resumes there, redoes the
+    evaluation and ends where an uninterrupted run ends; a crash inside an update still saves nothing."""
+    from instar.train.checkpoint import load_checkpoint
+    from instar.train.models import load_model
+    from train_fixtures import on_call
+
+    store = Store.open(tmp_path / "instar.db")
+    fill_store(store, n_docs=150, n_convs=0)
+    plain = FAST + ["max_steps=14", "save_every=0", "eval_every=0", "warmup=4"]
+    whole = run_stage("pretrain", None, plain + [f"out={tmp_path}/whole"], store)
+    on_call(monkeypatch, loop.Session, "evaluate", 3, "crash")  # 1-2: the start (held-out, yardsticks), 3: the end
+    with pytest.raises(RuntimeError):
+        run_stage("pretrain", None, plain + [f"out={tmp_path}/split"], store)
+    monkeypatch.undo()
+    model = load_model(f"{tmp_path}/whole")[0]
+    assert load_checkpoint(tmp_path / "split" / "checkpoint", model)["step"] == 14
+    resumed = run_stage("pretrain", None, plain + [f"out={tmp_path}/split"], store)
+    assert resumed["end"]["val_loss"] == pytest.approx(whole["end"]["val_loss"], abs=2e-3)
+    a, b = losses(store, whole["run_id"]), losses(store, resumed["run_id"])
+    assert sorted(a) == sorted(b) == list(range(1, 15))
+
+    fail_at(monkeypatch, 3, RuntimeError)
+    with pytest.raises(RuntimeError):
+        run_stage("pretrain", None, plain + [f"out={tmp_path}/mid"], store)
+    assert not (tmp_path / "mid" / "checkpoint").exists()
+
+
 def test_two_process_ddp_matches_gradient_accumulation(tmp_path):
     # rank r of 2 reads micro-batch 2*step + r: exactly what one process reads with grad_accum=2.
     common = FAST + ["max_steps=6", "eval_every=0", "save_every=0", "dtype=fp32", "batch_size=4",

@@ -198,16 +198,23 @@ class Session:
             save_checkpoint(self.ckpt, st.model, state, trainable_only=self.cfg.lora)
         run.saved = run.step
 
-    def checkpoint_on_interrupt(self, st, run) -> None:
-        """After a KeyboardInterrupt: save the last finished step, unless an update was cut in half."""
+    def checkpoint_on_stop(self, st, run, error: BaseException) -> None:
+        """After a Ctrl-C or an error (an evaluation that failed, a rollout that crashed, a full disk...): save the
+        last finished step, unless an update was cut in half, so the same command resumes there instead of
+        starting over. Saving must not hide the error that stopped the run."""
+        how = "interrupted" if isinstance(error, KeyboardInterrupt) else "stopped by an error"
         if run.updating:
             kept = f"the checkpoint of step {run.saved}" if run.saved else "no checkpoint yet: it starts over"
-            self.say(f"interrupted inside step {run.step + 1}'s update: resuming from {kept}")
+            self.say(f"{how} inside step {run.step + 1}'s update: resuming from {kept}")
         elif run.step > 0 and run.saved != run.step:
-            self.checkpoint(st, run)
-            self.say(f"interrupted after step {run.step}: checkpoint saved, run the same command to resume")
+            try:
+                self.checkpoint(st, run)
+            except Exception as e:  # noqa: BLE001 - the run's own error is the one to report
+                self.say(f"{how} after step {run.step}; its checkpoint could not be saved ({e})")
+                return
+            self.say(f"{how} after step {run.step}: checkpoint saved, run the same command to resume")
         elif run.step > 0:
-            self.say(f"interrupted after step {run.step}: its checkpoint is saved, run the same command to resume")
+            self.say(f"{how} after step {run.step}: its checkpoint is saved, run the same command to resume")
 
     # --- the end ---------------------------------------------------------------------------------------------------
     def finish(self, model, tok, *, start: dict, end: dict) -> dict:
