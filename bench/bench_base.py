@@ -68,8 +68,8 @@ def worker(a) -> None:
 
     cfg = json.loads(a.cfg)
     bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())  # what instar's dtype = "auto" picks on a CPU
-    common = ["eval_every=0", "save_every=0", "log_every=1", "eval_batches=1", "sample_tokens=4",
-              f"max_steps={a.steps}", f"lora={'true' if a.lora else 'false'}"]
+    common = ["eval_every=0", "save_every=0", "log_every=1", "sample_tokens=4", f"max_steps={a.steps}",
+              f"lora={'true' if a.lora else 'false'}"] + (["eval_batches=1"] if a.stage != "grpo" else [])
     if a.stage == "pretrain":
         run_stage("pretrain", None, common + [f"preset={a.preset}", f"out={a.out}", "batch_size=8", "max_len=256"],
                   Store.open(a.db))
