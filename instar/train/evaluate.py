@@ -2,6 +2,7 @@
 
     score_rows(model, rows, tbytes, batch_size)            packed text rows [N, L] -> {"loss", "bpb", "tokens"}
     score_conversations(model, examples, pad_id, batch_size)  (ids, mask) pairs -> {"loss", "tokens"} on assistant tokens
+                                                           (with tbytes=token_bytes(tok), also "bpb")
     evaluate_math(model, tok, records)                     greedy pass@1 with GRPO's reward functions
     evaluate_file("runs/sft", "val.jsonl") -> {"kind": "messages", "n": 120, "loss": 2.1, "tokens": 9120}
     evaluate_file("runs/instar/grpo", "arithmetic")  -> the packaged external arithmetic set, asked the run's way
@@ -54,10 +55,11 @@ def score_rows(model, rows: torch.Tensor, tbytes: torch.Tensor, batch_size: int 
 
 @torch.no_grad()
 def score_conversations(model, examples: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int = 8,
-                        max_batches: int | None = None) -> dict:
-    """Mean loss over assistant tokens (mask == 1) of rendered conversations."""
+                        max_batches: int | None = None, tbytes: torch.Tensor | None = None) -> dict:
+    """Mean loss over assistant tokens (mask == 1) of rendered conversations; with `tbytes` (`token_bytes`) also
+    their bits per byte, special tokens (the end of turn) left out as in `score_rows`."""
     device = next(model.parameters()).device
-    nll_sum, n_tok = 0.0, 0
+    nll_sum, n_tok, bits_nll, n_bytes = 0.0, 0, 0.0, 0.0
     for b, i in enumerate(range(0, len(examples), batch_size)):
         if max_batches is not None and b >= max_batches:
             break
@@ -68,7 +70,12 @@ def score_conversations(model, examples: list[tuple[list[int], list[int]]], pad_
         lp = token_logprobs(logits, labels)
         nll_sum += -float(lp.sum())
         n_tok += label_count(labels)
-    return {"loss": nll_sum / max(n_tok, 1), "tokens": n_tok}
+        if tbytes is not None:
+            nbytes = tbytes.to(device)[labels.clamp(min=0)] * (labels != -100)          # [B, L]
+            bits_nll += -float((lp * (nbytes > 0)).sum())
+            n_bytes += float(nbytes.sum())
+    out = {"loss": nll_sum / max(n_tok, 1), "tokens": n_tok}
+    return {**out, "bpb": bits_nll / math.log(2) / max(n_bytes, 1.0)} if tbytes is not None else out
 
 
 def render_examples(tok, conversations: list[list[dict]], max_len: int) -> list[tuple[list[int], list[int]]]:

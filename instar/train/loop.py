@@ -19,8 +19,9 @@ scheduler, the RNG as it was at the boundary, the stage's extra state, and N's m
 A first Ctrl-C (SIGINT) inside an update lets the update finish, elsewhere it stops at once; either way the
 checkpoint is of the last finished step. An error outside an update (an evaluation, a rollout, the data) saves
 that checkpoint too before it propagates: 40 GRPO steps of SmolLM2 (45 minutes) were once lost to a file missing
-in the final evaluation. Any other interrupt or crash mid-update saves nothing: the last periodic checkpoint stands. A SIGKILL leaves the last periodic checkpoint (atomic) and a run row marked `running`, which the
-same command resumes. Metric rows are written per finished step; a resumed run first drops the rows after its
+in the final evaluation. Any other interrupt or crash mid-update saves nothing: the last periodic checkpoint
+stands. A SIGKILL leaves the last periodic checkpoint (atomic) and a run row marked `running`, which the same
+command resumes. Metric rows are written per finished step; a resumed run first drops the rows after its
 checkpoint. Simplifications: no gradient scaler (bf16 needs none; fp16 is not offered); gradients are all-reduced
 after the backward passes instead of overlapping with them (DDP's buckets); under torchrun every rank evaluates.
 """

@@ -45,7 +45,6 @@ measuring stage's own and never passed on.
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,10 +54,10 @@ import torch
 
 from instar.errors import InstarError
 from instar.evalsets import chat_prompts, chat_references, text_paragraphs
-from instar.train.evaluate import external_arithmetic, math_prompt_form, score_rows
+from instar.train.evaluate import external_arithmetic, math_prompt_form, score_conversations, score_rows
 from instar.train.models import EMBEDDED
 from instar.train.sampling import generate, stopped
-from instar.train.tokens import collate, pack_documents, render_chat, token_bytes, token_logprobs
+from instar.train.tokens import collate, pack_documents, render_chat, token_bytes
 
 VERSION = 2  # of the chat / language measures: values kept by an older instar (without ext_chat_bpb) are measured again
 TEXT_LEN = 256  # tokens per row of the external text: one context length for every stage, so bpb compares
@@ -115,23 +114,12 @@ def text_bpb(model, tok, batch_size: int = 8) -> float:
     return score_rows(model, rows, token_bytes(tok), batch_size)["bpb"]
 
 
-@torch.no_grad()
 def chat_bpb(model, tok, batch_size: int = 16) -> float:
     """Bits per byte of the hand-written reference replies (`evalsets.chat_references`), each after its prompt in
-    the chat template; special tokens (the end of turn) carry no bytes and are left out, as in `text_bpb`."""
-    device, tbytes = next(model.parameters()).device, token_bytes(tok)
+    the chat template (`evaluate.score_conversations`: assistant tokens only, the end of turn carries no bytes)."""
     rows = [render_chat(tok, [{"role": "user", "content": p}, {"role": "assistant", "content": r}])
             for p, r in chat_references()]
-    bits, n_bytes = 0.0, 0.0
-    for i in range(0, len(rows), batch_size):
-        batch = collate([ids for ids, _ in rows[i:i + batch_size]], [m for _, m in rows[i:i + batch_size]],
-                        tok.pad_token_id)
-        labels = batch["labels"].to(device)
-        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
-        nbytes = tbytes.to(device)[labels.clamp(min=0)] * (labels != -100)              # [B, L]
-        bits -= float((token_logprobs(logits, labels) * (nbytes > 0)).sum()) / math.log(2)
-        n_bytes += float(nbytes.sum())
-    return bits / max(n_bytes, 1.0)
+    return score_conversations(model, rows, tok.pad_token_id, batch_size, tbytes=token_bytes(tok))["bpb"]
 
 
 @torch.no_grad()
