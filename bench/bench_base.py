@@ -143,7 +143,9 @@ def ceiling_worker() -> None:
 # --- the parent: children, differences, the table -------------------------------------------------------------------
 def child(args: list[str], src: str | None = None) -> tuple[float, float, str]:
     """(CPU seconds, wall seconds, stdout) of `python bench_base.py ARGS` in a child process."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    # Passive OpenMP waits: idle threads sleep instead of spinning, so CPU time counts work rather than waiting (TRL's
+    # GRPO once took 2.4 CPU seconds per wall second per step on 2 cores, instar's 0.9). The shell's value wins.
+    env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     if src:  # another checkout of instar (say, main before a change): its package first on the path
         env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
