@@ -2,7 +2,7 @@
 math in every batch."""
 
 import pytest
-from train_fixtures import FAST, conversations, documents, tiny_model, tiny_tokenizer
+from train_fixtures import FAST, conversations, tiny_model, tiny_tokenizer
 
 from instar.datasets.store import Provenance
 
@@ -82,28 +82,3 @@ def test_sft_with_a_math_share_trains_on_that_mix(store, tmp_path, monkeypatch):
     assert summary["data"]["train_math"] == sum("Answer:" in r["messages"][-1]["content"]
                                                 for r in store.records("messages", "train")) > 0
     assert len(seen) == 3 * 8 and not any("Answer:" in t for t in seen)
-
-
-def test_sft_text_rows_rehearse_the_corpus(store, tmp_path):
-    """With text_rows, every batch also carries packed corpus rows under a next-token loss: the model's loss on
-    held-out corpus text ends lower than after the same SFT without them."""
-    from instar.train import run_stage
-    from instar.train.evaluate import score_rows
-    from instar.train.models import load_model, save_model
-    from instar.train.tokens import pack_documents, token_bytes
-
-    store.add("text", [{"text": t} for t in documents(200)], Provenance())
-    store.add("messages", conversations(120), Provenance(source="import"))
-    tok = tiny_tokenizer()
-    save_model(tiny_model(tok), tok, tmp_path / "base" / "model")
-    val = pack_documents(tok, [r["text"] for r in store.records("text", "val")], 64)
-    text_loss = {}
-    for rows in (0, 4):
-        summary = run_stage("sft", None, FAST + [f"model={tmp_path}/base", f"out={tmp_path}/sft{rows}", "max_steps=30",
-                                                 "lr=3e-3", f"text_rows={rows}", "text_len=48", "eval_every=0",
-                                                 "sample_tokens=2"], store)
-        model, _ = load_model(f"{tmp_path}/sft{rows}")
-        text_loss[rows] = score_rows(model.eval(), val, token_bytes(tok))["loss"]
-        assert summary["data"].get("train_text_rows", 0) == (len(pack_documents(
-            tok, [r["text"] for r in store.records("text", "train")], 48)) if rows else 0)
-    assert text_loss[4] < 0.8 * text_loss[0], text_loss

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import math
 
-import torch
 from pydantic import Field
 
 from instar.errors import InstarError
@@ -38,7 +37,7 @@ from instar.train.config import TrainConfig
 from instar.train.evaluate import render_examples, score_conversations
 from instar.train.loop import Stage, fit, open_session, supervised
 from instar.train.models import load_model, wrap_lora
-from instar.train.tokens import Sampler, collate_buckets, lm_loss, pack_documents, scored_positions
+from instar.train.tokens import Sampler, collate_buckets, lm_loss, scored_positions
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -51,10 +50,6 @@ class Config(TrainConfig):
     math_share: float | None = Field(None, ge=0, le=1, description="Share of each batch drawn from the math "
                                      "conversations (those ending with an `Answer:` line), the rest from chat; "
                                      "unset = as stored.")
-    text_rows: int = Field(0, ge=0, description="Rows of stored corpus text (`text` train split, packed as in "
-                           "pretraining) added to every batch with a next-token loss on all their tokens: "
-                           "rehearsal of stage 1's language during SFT. 0 = none.")
-    text_len: int = Field(128, ge=8, description="Tokens per corpus-text row (with text_rows).")
 
 
 # --- data ------------------------------------------------------------------------------------------------
@@ -95,24 +90,6 @@ class MixSampler:
                 + [self.n_chat + self.math.batch(j)[0] for j in range(m0, m1)])
 
 
-class TextRehearsal:
-    """Batch i's rows of packed corpus text, as one more bucket (labels = every token): `supervised` weighs each
-    bucket by its labelled tokens, so the step's loss is the token mean over replies and text together."""
-
-    def __init__(self, store, tok, cfg: Config):
-        self.rows = None
-        if cfg.text_rows:
-            self.rows = pack_documents(tok, [r["text"] for r in store.require("text", "train", 1)], cfg.text_len)
-            self.sampler = Sampler(len(self.rows), cfg.text_rows, cfg.seed + 2)
-        self.n = 0 if self.rows is None else len(self.rows)
-
-    def __call__(self, i: int) -> list[dict]:
-        if self.rows is None:
-            return []
-        ids = self.rows[self.sampler.batch(i)]
-        return [{"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}]
-
-
 # --- loss ------------------------------------------------------------------------------------------------
 def loss_fn(model, batch):
     # labels = ids on assistant tokens, -100 elsewhere (from render_chat's mask); mean over assistant tokens.
@@ -144,14 +121,10 @@ def run(cfg: Config, store) -> dict:
     model = s.place(model)
 
     sampler = MixSampler(len(train_ex), train_math, cfg.batch_size, cfg.math_share, cfg.seed)
-    rehearse = TextRehearsal(store, tok, cfg)
-    if cfg.text_rows:
-        s.data["train_text_rows"] = rehearse.n
-        s.say(f"sft: + {cfg.text_rows} rows of {cfg.text_len} corpus tokens per batch ({rehearse.n} rows)")
 
     def batch_at(i):
         chunk = [train_ex[j] for j in sampler.batch(i)]
-        return collate_buckets([c[0] for c in chunk], [c[1] for c in chunk], tok.pad_token_id) + rehearse(i)
+        return collate_buckets([c[0] for c in chunk], [c[1] for c in chunk], tok.pad_token_id)
 
     def evaluate(m):
         return {"val_loss": score_conversations(m, val_ex, tok.pad_token_id, cfg.batch_size, cfg.eval_batches)["loss"]}
