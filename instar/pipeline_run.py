@@ -320,8 +320,11 @@ def run_pipeline(cfg: PipelineConfig, store, console) -> dict:
     # `runtime.start` chose for torch.
     from instar.report_card import report
     from instar.train import train_stage
+    from instar.train.models import check_source
 
     configs = stage_configs(cfg)  # config mistakes surface here, before minutes of generation
+    if cfg.student.model != "scratch":  # so does a missing, unloadable or too large base model
+        check_source(cfg.student.model, "lora" if next(iter(configs.values())).lora else "full")
     pid = pipeline_row(store, cfg)
     summary: dict = {"stages": {}, "seconds": {}}
     t0 = time.perf_counter()

@@ -49,3 +49,16 @@ def test_instar_run_from_a_qwen2_directory(tmp_path, monkeypatch, capsys):
     assert llm.metadata["general.architecture"] == "qwen2"
     out = llm.create_chat_completion([{"role": "user", "content": "What is 7 + 5?"}], max_tokens=4, temperature=0)
     assert out["choices"][0]["message"]["role"] == "assistant"
+
+
+@pytest.mark.parametrize("model, message", [("{tmp}/nowhere", "model not found"),
+                                            ("{tmp}", "neither a finished run directory")])
+def test_instar_run_checks_the_base_model_before_generating_anything(tmp_path, monkeypatch, capsys, model, message):
+    """A wrong `student.model` is one line and exit 2 before the teacher writes a record (it used to surface only
+    when stage 1 loaded it, after the data)."""
+    db = tmp_path / "instar.db"
+    code, err = cli(monkeypatch, capsys, "run", "--config", str(CI), "--db", str(db), "--set",
+                    "student.model=" + model.replace("{tmp}", str(tmp_path)), "--set", f"out={tmp_path / 'runs'}")
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    store = Store.open(db)
+    assert store.count() == 0 and not runs.list_runs(store)

@@ -158,6 +158,7 @@ def test_data_import_cuts_documents_into_text_records(monkeypatch, capsys, tmp_p
     (["generate", "instructions", "-n", "3", "--from", "{tmp}/scan.pdf"], "without a text layer"),
     (["generate", "corpus", "-n", "3", "--topics", "{tmp}/blank.txt"], "has no topics"),
     (["generate", "corpus", "-n", "3", "--topics", "{tmp}/missing.txt"], "topics file not found"),
+    (["generate", "corpus", "-n", "1", "--topics", "{tmp}/missing.txt"], "topics file not found"),  # store full
     (["data", "import", "{tmp}/empty"], "no .txt, .md"),
     (["data", "import", "{tmp}/secret.pdf"], "encrypted PDF"),
     (["data", "import", "{tmp}/nowhere.jsonl"], "file not found"),

@@ -209,11 +209,12 @@ def generate(store: Store, cfg: GenerateConfig, backend: Backend | None = None, 
 
     kind = KIND_OF[cfg.kind]
     result = GenerateResult(kind=kind, target=cfg.count, before=store.count(kind))
+    # A missing path or an empty topics file: one line, nothing stored (even when the store is already full).
+    topics, passages, bad_files = steering(cfg)
     need = cfg.count - result.before
     if need <= 0:
         result.status = "nothing to do"
         return result
-    topics, passages, bad_files = steering(cfg)  # a missing path or an empty topics file: one line, nothing stored
     recipe, backend = source(cfg, backend)
     backend.check()  # no server, model not pulled, file missing: one line, before a run row exists
     max_attempts = cfg.max_attempts or 5 * need + 10

@@ -110,9 +110,9 @@ def model_dir(source: str | Path) -> Path:
     if (path / "config.json").exists():
         return path
     if path.exists():
-        raise InstarError(f"{path} is neither a finished run directory (with model/) nor a Hugging Face model "
-                          "directory (with config.json)")
-    raise InstarError(f"model not found: {path} (expected a run directory, an HF directory or '{EMBEDDED}')")
+        raise InputError(f"{path} is neither a finished run directory (with model/) nor a Hugging Face model "
+                         "directory (with config.json)")
+    raise InputError(f"model not found: {path} (expected a run directory, an HF directory or '{EMBEDDED}')")
 
 
 # Bytes of memory per parameter, fp32: the weights alone (inference; LoRA, whose adapters and their AdamW state
@@ -181,6 +181,19 @@ def check_memory(path: Path, params: int, purpose: str, available: int | None) -
                      f"{available / 1e9:.1f} GB available{hint}")
 
 
+def check_source(source: str | Path, purpose: Literal["inference", "lora", "full"] = "inference") -> Path | None:
+    """What `load_model` checks before it reads a weight: the directory (None for the embedded SmolLM2), that it
+    holds a causal LM, and that it fits in memory for `purpose`. A clear error otherwise; `instar run` calls it
+    for the student before any data is generated."""
+    if str(source) == "scratch":
+        raise InstarError("model = 'scratch' is only for `instar train pretrain` (it builds a new model)")
+    if str(source) == EMBEDDED:
+        return None
+    path = model_dir(source)
+    check_memory(path, stored_params(path, check_causal_lm(path)), purpose, available_memory())
+    return path
+
+
 def load_model(source: str | Path, device: torch.device | str | None = None,
                purpose: Literal["inference", "lora", "full"] = "inference"):
     """Load (model, tokenizer) in fp32. `source`: run dir, HF dir or 'embedded-smollm2'. `purpose` sizes the
@@ -189,9 +202,8 @@ def load_model(source: str | Path, device: torch.device | str | None = None,
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # no "Loading weights" bars: one progress bar per loop (STYLE 11)
-    if str(source) == "scratch":
-        raise InstarError("model = 'scratch' is only for `instar train pretrain` (it builds a new model)")
-    if str(source) == EMBEDDED:
+    path = check_source(source, purpose)
+    if path is None:  # the embedded SmolLM2
         from unittest import mock
 
         import transformers.modeling_gguf_pytorch_utils as gguf_utils
@@ -210,8 +222,6 @@ def load_model(source: str | Path, device: torch.device | str | None = None,
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
     else:
-        path = model_dir(source)
-        check_memory(path, stored_params(path, check_causal_lm(path)), purpose, available_memory())
         try:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
             tok = AutoTokenizer.from_pretrained(path)
