@@ -27,3 +27,7 @@ def test_every_stage_default_config_validates_and_names_what_it_refuses(stage):
     cfg = config()
     assert set(config.unsupported) <= set(config.model_fields)  # only inherited keys can be refused
     assert cfg.out == f"runs/{stage}"
+    # What a run records (summary.json, the run row) is itself a config the stage accepts: copy it, change a key,
+    # train again (the refused keys would each stop the run with "does not use").
+    recorded = cfg.recorded()
+    assert not set(config.unsupported) & set(recorded) and config(**recorded) == cfg

@@ -53,6 +53,11 @@ class TrainConfig(StrictConfig):
 
     unsupported: ClassVar[dict[str, str]] = {}  # inherited key -> why this stage cannot honour it
 
+    def recorded(self) -> dict:
+        """The settings a run records (summary.json, its run row): every key but the unsupported ones, so the
+        record is itself a valid config for `instar train STAGE --config`."""
+        return self.model_dump(exclude=set(self.unsupported))
+
     @model_validator(mode="after")
     def _honoured(self):
         stage = type(self).__module__.rsplit(".", 1)[-1]

@@ -219,7 +219,7 @@ class Session:
     # --- the end ---------------------------------------------------------------------------------------------------
     def finish(self, model, tok, *, start: dict, end: dict) -> dict:
         """Write model/ (LoRA merged) and summary.json, mark the run done; return the summary."""
-        summary = {"stage": self.stage, "run_id": self.run_id, "config": self.cfg.model_dump(), "data": self.data,
+        summary = {"stage": self.stage, "run_id": self.run_id, "config": self.cfg.recorded(), "data": self.data,
                    "start": start, "end": end, **peak_memory(self.device)}
         if self.is_main:
             save_model(model, tok, self.out / "model")
@@ -296,7 +296,7 @@ def open_session(stage: str, cfg: TrainConfig, store) -> Session:
         else:
             if row and row["status"] == "running":  # its process died before any checkpoint (SIGKILL)
                 runs.finish_run(store, old, status="killed")
-            s.run_id = runs.start_run(store, kind="train", stage=stage, config=cfg.model_dump(), out_dir=str(s.out))
+            s.run_id = runs.start_run(store, kind="train", stage=stage, config=cfg.recorded(), out_dir=str(s.out))
             marker.write_text(json.dumps({"run_id": s.run_id}))
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
