@@ -2,14 +2,14 @@
 
     .venv/bin/python bench/bench_generate.py                 # all parts, ~25 min on 2 cores
     .venv/bin/python bench/bench_generate.py --part decode --n 10
-    .venv/bin/python bench/bench_generate.py --part batched --n 16 --slots 4,8,16
+    .venv/bin/python bench/bench_generate.py --part batched --n 64 --slots 8,16
 
 Four parts, each printed as a markdown table (copied into bench/README.md):
   batched   side by side in one run: accepted records per minute for corpus and instructions, one item at a
             time as instar did before issue 13 (llama-cpp-python's `create_chat_completion`, the grammar over
             the whole vocabulary every token, the wheel's Q4_1 file) vs the batched decoder with N sequences
-            (`--slots`): first as it was (one lane of every core, Q4_1), then as `instar generate` runs it now
-            (`decoder_lanes`' lanes of one thread each, the Q8_0 teacher of `embedded_teacher`).
+            (`--slots`) as `instar generate` runs it now (`decoder_lanes`' lanes of one thread each, the Q8_0
+            teacher of `embedded_teacher`; the default is 16 on 2 cores, `default_concurrency`).
   decode    constrained (JSON-schema grammar) vs free decoding: valid outputs per second for the output
             model of each kind, same prompts and seeds in both modes. "Valid" = parses into the outputs.py model.
   kinds     accepted records per minute for each kind, through the whole pipeline (`generate`).
@@ -96,10 +96,8 @@ def batched(n: int, slots: list[int], kinds_: list[str]) -> None:
     rows = [("one at a time (before)", lambda: OneAtATime(path), 1)]
     for k in slots:
         lanes, threads = decoder_lanes(k, cores)
-        rows += [(f"batched, {k} sequences, 1 lane x {cores} threads, Q4_1",
-                  lambda k=k: LlamaCppBackend(path, name="embedded", slots=k, lanes=1), k),
-                 (f"batched, {k} sequences, {lanes} lanes x {threads} threads, Q8_0 (now)",
-                  lambda k=k: LlamaCppBackend(teacher, name="embedded", slots=k), k)]
+        rows.append((f"batched, {k} sequences, {lanes} lanes x {threads} threads, Q8_0 (now)",
+                     lambda k=k: LlamaCppBackend(teacher, name="embedded", slots=k), k))
     print("| kind | decoding | accepted | tried | minutes | records/min | tok/s | speed-up | top rejection reasons |\n"
           "|---|---|---|---|---|---|---|---|---|")
     for kind in kinds_:

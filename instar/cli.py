@@ -146,7 +146,7 @@ def generate_cmd(
                                                      "in these documents (a file or folder: .txt .md .html .pdf).")] = None,
         source: Annotated[Optional[str], typer.Option(help="math: llm (default), procedural or rephrase.")] = None,
         seed: Annotated[Optional[int], typer.Option(help="Base seed (default 0).")] = None,
-        concurrency: Annotated[Optional[int], typer.Option(help="Items in flight (default 8).")] = None,
+        concurrency: Annotated[Optional[int], typer.Option(help="Items in flight (default: 8 to a server, 8 per core in-process).")] = None,
         temperature: Annotated[Optional[float], typer.Option(help="Sampling temperature.")] = None,
         config: ConfigOpt = None, set_: SetOpt = None, db: DbOpt = None) -> None:
     """Generate records of one kind with a local LLM until the store holds --count of them."""

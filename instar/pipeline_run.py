@@ -48,8 +48,9 @@ class TeacherConfig(StrictConfig):
                              "in /v1).")
     temperature: float = Field(0.8, ge=0, le=2, description="Sampling temperature of generation requests.")
     max_tokens: int = Field(300, ge=16, description="Max new tokens per request.")
-    concurrency: int = Field(8, ge=1, description="Items in flight: requests to a server, or sequences llama.cpp "
-                             "decodes in one batch.")
+    concurrency: int | None = Field(None, ge=1, le=64, description="Items in flight: requests to a server, or "
+                                    "sequences llama.cpp decodes in batches (default: 8 to a server, 8 per core "
+                                    "in-process, at most 32).")
     max_attempts: int | None = Field(None, ge=1, description="Stop a top-up after this many items (default: "
                                      "the generator's, 5 x needed + 10).")
 

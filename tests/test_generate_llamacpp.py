@@ -13,8 +13,9 @@ import pytest
 from instar.datasets.store import validate_record
 from instar.errors import InstarError
 from instar.generate import backends
-from instar.generate.backends import (TEACHER_FILE, LlamaCppBackend, decoder_lanes, embedded_model_path,
-                                     embedded_teacher, import_llama_cpp, schema_grammar)
+from instar.generate.backends import (TEACHER_FILE, LlamaCppBackend, decoder_lanes, default_concurrency,
+                                     embedded_model_path, embedded_teacher, import_llama_cpp, make_backend,
+                                     schema_grammar)
 from instar.generate.pipeline import GenerateConfig, generate
 from instar.schemas.outputs import Document, InstructionPair, QuestionPair, json_schema
 
@@ -154,6 +155,31 @@ def test_lanes_one_per_core_while_each_batches_enough():
     assert decoder_lanes(8, 16) == (2, 8) and decoder_lanes(32, 4) == (4, 1)
     assert decoder_lanes(3, 2) == (1, 2) and decoder_lanes(1, 8) == (1, 8)  # too few to split: every core
     assert decoder_lanes(8, 2, lanes=1) == (1, 2) and decoder_lanes(2, 4, lanes=8) == (2, 2)
+
+
+def test_default_concurrency_is_two_lanes_of_eight_on_two_cores_and_eight_requests_to_a_server(monkeypatch):
+    assert default_concurrency("embedded", 2) == 16 and decoder_lanes(16, 2) == (2, 1)
+    assert default_concurrency("llamacpp", 1) == 8 and default_concurrency("llamacpp", 16) == 32  # KV memory cap
+    assert default_concurrency("ollama", 2) == default_concurrency("openai", 64) == 8
+    monkeypatch.setattr(backends.os, "cpu_count", lambda: 2)
+    assert make_backend("embedded").max_concurrency == 16 and make_backend("embedded", concurrency=3).max_concurrency == 3
+
+
+def test_a_decode_step_feeds_its_sequences_in_slot_order():
+    """llama.cpp evaluates each run of consecutive sequence ids as its own micro-batch: a step in admission order
+    (slots 3, 0, 1) would be three calls' worth of kernels instead of two. New prompts go first, one call each."""
+    from types import SimpleNamespace
+
+    from instar.generate.batched import BatchDecoder
+
+    def seq(slot, pos, done=False):
+        return SimpleNamespace(slot=slot, pos=pos, feed=[7], req=SimpleNamespace(done=SimpleNamespace(is_set=lambda: done)))
+
+    calls = []
+    decoder = SimpleNamespace(_decode=lambda seqs: calls.append([s.slot for s in seqs]))
+    active = {3: seq(3, 40), 0: seq(0, 12), 6: seq(6, 0), 1: seq(1, 90), 4: seq(4, 5, done=True), 2: seq(2, 0)}
+    BatchDecoder._step(decoder, active)
+    assert calls == [[6], [2], [0, 1, 3]]
 
 
 def test_the_embedded_teacher_is_written_once_as_q8_0_or_falls_back(tmp_path, monkeypatch):

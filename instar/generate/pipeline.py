@@ -59,8 +59,9 @@ class GenerateConfig(StrictConfig):
     source: Literal["llm", "procedural", "rephrase"] = Field("llm", description="math only: LLM word problems, "
                                                              "procedural, or procedural reworded by the LLM.")
     seed: int = Field(0, description="Base seed; item i of a kind uses a seed derived from (seed, kind, i).")
-    concurrency: int = Field(8, ge=1, le=64, description="Items in flight: requests to a server, or sequences "
-                             "llama.cpp decodes in one batch (8: bench/README.md).")
+    concurrency: int | None = Field(None, ge=1, le=64, description="Items in flight: requests to a server, or "
+                                    "sequences llama.cpp decodes in batches (default: 8 to a server, 8 per core "
+                                    "in-process, at most 32: bench/README.md).")
     temperature: float = Field(0.8, ge=0.0, le=2.0, description="Sampling temperature of generation requests.")
     max_tokens: int = Field(400, ge=16, description="Max new tokens per request; hitting it is a failure.")
     num_ctx: int = Field(2048, ge=256, description="Context window (llama.cpp n_ctx, Ollama num_ctx).")
@@ -224,7 +225,7 @@ def generate(store: Store, cfg: GenerateConfig, backend: Backend | None = None, 
     for file, reason in bad_files:  # one unreadable file among readable ones: a failure row, the run goes on
         store.add_failure(f"document: {reason}", file, kind=kind, run_id=run_id)
     first = items_tried(store, kind)
-    workers = max(1, min(cfg.concurrency, backend.max_concurrency))
+    workers = max(1, min(cfg.concurrency or backend.max_concurrency, backend.max_concurrency))
     progress = report.make_progress(console)
     task = progress.add_task(f"generate {cfg.kind}", total=need, info="")
     in_flight: dict[Future, int] = {}
