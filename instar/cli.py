@@ -135,7 +135,7 @@ def run_cmd(config: ConfigOpt = None, set_: SetOpt = None, db: DbOpt = None) -> 
 @app.command("generate")
 def generate_cmd(
         kind: Annotated[str, typer.Argument(help="corpus, instructions, preferences or math.")],
-        count: Annotated[Optional[int], typer.Option("--count", "-n", help="Top the store up to N records.")] = None,
+        count: Annotated[Optional[int], typer.Option("--count", "-n", help="Top the store up to N records of KIND from this source (instar's procedural ones count only for --source procedural).")] = None,
         backend: Annotated[Optional[str], typer.Option(help="embedded (default), llamacpp, ollama or openai.")] = None,
         model: Annotated[Optional[str], typer.Option(help="GGUF path (llamacpp) or model name (ollama, openai).")] = None,
         host: Annotated[Optional[list[str]], typer.Option(help="Server URL (openai: ending in /v1); repeat to "

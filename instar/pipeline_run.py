@@ -174,19 +174,20 @@ def top_up(store, cfg: PipelineConfig, grpo_cfg, console) -> dict[str, int]:
 
         steering(GenerateConfig(kind="instructions", count=1, topics=d.topics, topics_file=d.topics_file,
                                 documents=d.documents))
-    # First: these conversations also fill the messages val split; they do not count toward `instructions`.
-    derived = sft_math(store, cfg, grpo_cfg, console)  # conversations instar writes itself: not instructions
+    # First: these conversations also fill the messages val split; being procedural, they do not count toward
+    # `instructions` (`generate.counted`).
+    sft_math(store, cfg, grpo_cfg, console)
     if t.backend in ("embedded", "llamacpp") and store.path is not None:
-        if teacher_pending(store, cfg, derived):  # a resumed run with its data complete starts no process
-            in_child(_teach_in_child, str(store.path), cfg, derived, what="the teacher")
+        if teacher_pending(store, cfg):  # a resumed run with its data complete starts no process
+            in_child(_teach_in_child, str(store.path), cfg, what="the teacher")
     else:
-        teach(store, cfg, derived, console)
+        teach(store, cfg, console)
     return {kind: store.count(kind) for kind in KIND_OF.values()}
 
 
-def teach(store, cfg: PipelineConfig, derived: int, console) -> None:
-    """The teacher's part of `top_up`: every LLM-written kind to its target (`derived` SFT math conversations
-    already stored count on top of `instructions`).
+def teach(store, cfg: PipelineConfig, console) -> None:
+    """The teacher's part of `top_up`: every LLM-written kind to its target (records instar built itself, such as
+    the SFT math conversations, do not count: `generate.counted`).
 
     `top_up` runs this in a process of its own when the teacher is llama.cpp (embedded, llamacpp): llama.cpp needs
     OpenMP's PASSIVE wait policy (runtime.py) and a process reads that policy once, so with the teacher in this
@@ -195,11 +196,11 @@ def teach(store, cfg: PipelineConfig, derived: int, console) -> None:
     (docs/measured-facts.md). One child for the whole loop: the teacher loads and passes its probe once. It
     writes the same store file (SQLite in WAL mode); its errors and Ctrl-C come back as `runtime.in_child` says.
     An in-memory store (tests) is taught here."""
-    from instar.generate.pipeline import GenerateConfig, generate
+    from instar.generate.pipeline import GenerateConfig, counted, generate
     from instar.generate.recipes import KIND_OF
 
     t, d = cfg.teacher, cfg.data
-    for kind, target in short_kinds(store, cfg, derived, console):
+    for kind, target in short_kinds(store, cfg, console):
         if kind == "preferences" and d.preference_source == "procedural":
             from instar.generate.pairs import procedural_pairs
 
@@ -215,41 +216,42 @@ def teach(store, cfg: PipelineConfig, derived: int, console) -> None:
             # A few more items when the val split is still empty (5% of ids land there: small targets miss it).
             if extra and store.count(KIND_OF[kind], "val") > 0:
                 break
-            gen.count = max(target, store.count(KIND_OF[kind]) + extra)
+            gen.count = max(target, counted(store, gen) + extra)
             result = generate(store, gen, console=console)
             console.print(f"{kind}: {result.accepted} accepted, {result.rejected} rejected, "
                           f"{result.duplicates} duplicates in {result.seconds:.0f} s ({result.status})")
 
 
-def short_kinds(store, cfg: PipelineConfig, derived: int, console=None) -> Iterator[tuple[str, int]]:
+def short_kinds(store, cfg: PipelineConfig, console=None) -> Iterator[tuple[str, int]]:
     """(kind, target) of each kind `teach` must still fill, in its order, checked lazily: the corpus chat (topic
     requests, continuations; procedural, idempotent) is stored when the instructions come up, so after a caller
-    has filled the corpus; its count adds to `derived` on top of `instructions`."""
+    has filled the corpus. Each kind counts the records of its source (`generate.counted`): a model's for the
+    teacher's kinds, instar's own for procedural pairs or math."""
     from instar.generate.recipes import KIND_OF
 
     d = cfg.data
+    procedural = {"preferences": d.preference_source == "procedural", "math": d.math_source == "procedural"}
     for kind in ("corpus", "instructions", "preferences", "math"):
         if kind == "instructions" and d.corpus_requests:
             from instar.generate.requests import corpus_chat
 
-            derived += (n := corpus_chat(store, cfg.seed))
-            if n and console is not None:
+            if (n := corpus_chat(store, cfg.seed)) and console is not None:
                 console.print(f"corpus documents as chat (requests about their topics, continuations): {n}")
-        target = getattr(d, kind) + (derived if kind == "instructions" and getattr(d, kind) else 0)
-        if target and store.count(KIND_OF[kind]) < target:
+        target = getattr(d, kind)
+        if target and store.count(KIND_OF[kind], procedural=procedural.get(kind, False)) < target:
             yield kind, target
 
 
-def teacher_pending(store, cfg: PipelineConfig, derived: int) -> bool:
+def teacher_pending(store, cfg: PipelineConfig) -> bool:
     """Whether `teach` has a kind below its target."""
-    return next(short_kinds(store, cfg, derived), None) is not None
+    return next(short_kinds(store, cfg), None) is not None
 
 
-def _teach_in_child(db: str, cfg: PipelineConfig, derived: int) -> None:
+def _teach_in_child(db: str, cfg: PipelineConfig) -> None:
     from instar import report
     from instar.datasets.store import Store
 
-    teach(Store.open(db), cfg, derived, report.console)
+    teach(Store.open(db), cfg, report.console)
 
 
 def sft_math(store, cfg: PipelineConfig, grpo_cfg, console) -> int:

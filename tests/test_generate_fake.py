@@ -96,6 +96,26 @@ def test_top_up_semantics_and_rerun_idempotence(store):
     assert len(list_runs(store, kind="generate")) == 2  # "nothing to do" starts no run
 
 
+def test_a_top_up_counts_the_records_of_its_own_source(store):
+    """`instar run` stores thousands of procedural math conversations as `messages`: `instar generate instructions
+    -n 2` after it still asks the model for two (it once said "nothing to do"); `--source procedural` counts only
+    instar's own records, a model's math does not fill it."""
+    from instar.datasets.store import Provenance
+    from instar.generate.sft_math import math_conversations
+
+    assert math_conversations(store, 30, 0, ["arithmetic"], "", set()) == 30
+    chat = json.dumps({"question": "Why do cats purr so often?", "answer": "Cats purr when they are calm and happy, "
+                                  "and sometimes when they are hurt, because the sound helps them rest and heal."})
+    chat2 = chat.replace("cats", "dogs").replace("Cats purr", "Dogs pant")
+    result = generate(store, GenerateConfig(kind="instructions", count=2, max_attempts=4),
+                      backend=FakeBackend([chat, chat2]))
+    assert (result.before, result.accepted) == (0, 2) and store.count("messages") == 32
+    store.add("math", [{"question": "Tom has 3 apples and gets 4 more. How many?", "answer": "7",
+                        "family": "llm", "verified_by": "safe_eval"}], Provenance(source="fake"))
+    assert generate(store, GenerateConfig(kind="math", count=1, source="procedural")).accepted == 1
+    assert store.count("math") == 2 and store.count("math", procedural=False) == 1
+
+
 def test_same_seed_same_prompts(tmp_path):
     from instar.datasets.store import Store
 

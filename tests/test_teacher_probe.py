@@ -159,15 +159,17 @@ def test_a_run_whose_data_is_complete_starts_no_teacher_process(tmp_path, db_pat
     store = Store.open(db_path)
     cfg = load_pipeline_config(None, ["data.corpus=2", "data.instructions=1", "data.preferences=0", "data.math=0",
                                       "data.math_sft=0", f"out={tmp_path / 'runs'}"])
-    assert teacher_pending(store, cfg, 0)  # no corpus yet
+    assert teacher_pending(store, cfg)  # no corpus yet
     store.add("text", [{"text": f"Tide pools hold small animals, number {i}."} for i in range(2)],
               Provenance(topic="tide pools"))  # one sentence each: topic requests, no continuations
-    assert teacher_pending(store, cfg, 0)  # the requests are stored now, the one teacher instruction is not
-    assert store.count("messages") == 2 * PER_DOCUMENT
+    assert teacher_pending(store, cfg)  # the requests are stored now (procedural: not instructions), the teacher's not
+    assert store.count("messages") == store.count("messages", procedural=True) == 2 * PER_DOCUMENT
+    drill = [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "Answer: 4"}]
+    store.add("messages", [{"messages": drill}], Provenance(source="procedural"))
+    assert teacher_pending(store, cfg)  # an SFT math conversation is not one of the teacher's either
     hello = [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]
     store.add("messages", [{"messages": hello}])
-    assert not teacher_pending(store, cfg, 0)
-    assert teacher_pending(store, cfg, 1)  # one more derived conversation stored before it: one more instruction due
+    assert not teacher_pending(store, cfg)
 
     monkeypatch.setattr(pipeline_run, "in_child", lambda *a, **k: pytest.fail("a teacher process was started"))
-    assert top_up(store, cfg, None, report.console)["messages"] == 2 * PER_DOCUMENT + 1
+    assert top_up(store, cfg, None, report.console)["messages"] == 2 * PER_DOCUMENT + 2

@@ -240,7 +240,7 @@ class Store:
         }
 
     @staticmethod
-    def _where(kind: str | None, split: str | None) -> tuple[str, list]:
+    def _where(kind: str | None, split: str | None, procedural: bool | None = None) -> tuple[str, list]:
         where, args = [], []
         if kind is not None:
             where.append("kind = ?")
@@ -248,10 +248,15 @@ class Store:
         if split is not None:
             where.append("split = ?")
             args.append(split)
+        if procedural is not None:
+            where.append("coalesce(source, '') " + ("=" if procedural else "!=") + " 'procedural'")
         return (" where " + " and ".join(where) if where else ""), args
 
-    def count(self, kind: str | None = None, split: str | None = None) -> int:
-        where, args = self._where(kind, split)
+    def count(self, kind: str | None = None, split: str | None = None, procedural: bool | None = None) -> int:
+        """Stored records, optionally of one kind and split; `procedural` True counts only what instar built itself
+        (source 'procedural': SFT math conversations, corpus requests, procedural pairs and problems), False only
+        the rest (a model wrote it, or it was imported)."""
+        where, args = self._where(kind, split, procedural)
         return self.db.execute("select count(*) from records" + where, args).fetchone()[0]
 
     def require(self, kind: str, split: str, minimum: int = 1) -> list[dict]:

@@ -59,7 +59,7 @@ def procedural_pairs(store, target: int, seed: int) -> int:
     for r in store.records("messages"):
         (drills if extract_answer(r["messages"][-1]["content"]) is not None else convs).append(r["messages"])
     convs += [c for c in map(continuation, (r["text"] for r in store.records("text"))) if c]
-    need = target - store.count("preference")
+    need = target - store.count("preference", procedural=True)
     if need <= 0 or len(convs) < 2:
         return 0
     rng = random.Random(seed)

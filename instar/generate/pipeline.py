@@ -45,7 +45,8 @@ from instar.generate.recipes import KIND_OF, RECIPES, Ask, Draft, Rejected, math
 
 class GenerateConfig(StrictConfig):
     kind: Literal["corpus", "instructions", "preferences", "math"] = Field(description="What to generate.")
-    count: int = Field(ge=1, description="Target number of stored records of this kind (a top-up, not an addition).")
+    count: int = Field(ge=1, description="Target number of stored records of this kind from this source (a top-up, "
+                       "not an addition; instar's procedural records count only for --source procedural).")
     backend: Literal["embedded", "llamacpp", "ollama", "openai"] = Field("embedded", description="Where text "
                                                                          "comes from.")
     model: str | None = Field(None, description="GGUF path (llamacpp) or model name (ollama, openai).")
@@ -204,12 +205,19 @@ def items_tried(store: Store, kind: str) -> int:
     return store.count(kind) + failed
 
 
+def counted(store: Store, cfg: GenerateConfig) -> int:
+    """The records a top-up to `cfg.count` counts: those of its kind made the way this command makes them. A model's
+    (or imported) records for an LLM source, instar's own for `--source procedural`: the 20,000 math conversations
+    `instar run` builds are `messages` too, and do not make `instar generate instructions -n 400` a no-op."""
+    return store.count(KIND_OF[cfg.kind], procedural=cfg.source == "procedural")
+
+
 def generate(store: Store, cfg: GenerateConfig, backend: Backend | None = None, console=None) -> GenerateResult:
     """Top the store up to `cfg.count` records of `cfg.kind`, showing progress on `console`."""
     from instar import report
 
     kind = KIND_OF[cfg.kind]
-    result = GenerateResult(kind=kind, target=cfg.count, before=store.count(kind))
+    result = GenerateResult(kind=kind, target=cfg.count, before=counted(store, cfg))
     # A missing path or an empty topics file: one line, nothing stored (even when the store is already full).
     topics, passages, bad_files = steering(cfg)
     need = cfg.count - result.before
