@@ -262,6 +262,23 @@ def test_grpo_mixed_batches_span_levels_and_never_hold_out_problems():
     assert set(levels) == {1, 2, 3, 4, 5}
 
 
+def test_the_reasoning_gym_yardstick_is_right_and_apart_from_training():
+    """reasoning-gym's 200 problems: every answer recomputed from its expression by the safe evaluator, none of them
+    a question a training generator emits, all refused by the math SFT set, readable by `instar eval --data`."""
+    from instar import evalsets
+    from instar.datasets.jsonl import read_records
+
+    rows = evalsets.reasoning_gym()
+    assert len(rows) == 200 and len({r["question"] for r in rows}) == 200
+    for r in rows:
+        assert safe_eval(r["solution"]) == parse_number(r["answer"]), r
+    assert {r["family"] for r in rows} == {"rg_simple", "rg_natural", "rg_products", "rg_chain", "rg_three_digit"}
+    assert not every_generated_question() & {r["question"] for r in rows}
+    assert {r["question"] for r in rows} <= external_questions()
+    kind, records = read_records(str(evalsets.path("reasoning_gym")))
+    assert kind == "math" and len(records) == 200
+
+
 def test_the_packaged_yardstick_reads_as_math_records():
     from instar import evalsets
     from instar.datasets.jsonl import read_records

@@ -12,6 +12,14 @@ Forms (`family`): two_digit (44), three_digit (20), negatives (42), parentheses 
 short word problems (60), products and quotients (23). It is read by the evaluation only: `instar eval RUN
 --data arithmetic`, the report card's "what generalises" rows, and the GRPO stage's external score.
 
+    reasoning_gym()                  # 200 problems from reasoning-gym's generators, in their phrasings
+
+`reasoning_gym.jsonl` is the same kind of yardstick written by a well-kept library instead of by hand
+(`bench/evalset_reasoning_gym.py` made it, seed 2026; reasoning-gym is not a dependency): sums, differences,
+brackets and negation in its "Calculate -42 - 93." / "Solve ..." / "State the final answer to the following
+arithmetic problem: 4 + 3 =" forms, one-digit products, chains of 2-5 terms, three-digit sums. `instar eval RUN
+--data reasoning_gym` scores a model on it; the stages do not (the hand-written set is the report card's).
+
     chat_prompts()                   # 62 hand-written chat prompts, none about arithmetic
     chat_references()                # the same prompts, each with a hand-written reference reply
     text_paragraphs()                # 36 hand-written paragraphs of everyday prose
@@ -32,7 +40,7 @@ import json
 from functools import lru_cache
 from importlib import resources
 
-EVALSETS = {"arithmetic": "arithmetic.jsonl"}
+EVALSETS = {"arithmetic": "arithmetic.jsonl", "reasoning_gym": "reasoning_gym.jsonl"}
 
 
 def path(name: str):
@@ -50,8 +58,13 @@ def arithmetic() -> list[dict]:
     return [dict(r) for r in _rows("arithmetic")]
 
 
+def reasoning_gym() -> list[dict]:
+    return [dict(r) for r in _rows("reasoning_gym")]
+
+
 def external_questions() -> set[str]:
-    return {r["question"] for r in _rows("arithmetic")}
+    """The questions of every external arithmetic set, which no training set may hold."""
+    return {r["question"] for name in EVALSETS for r in _rows(name)}
 
 
 def _lines(name: str) -> list[str]:
