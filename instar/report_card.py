@@ -42,6 +42,7 @@ METRICS = {"val_loss": ("val loss", True), "val_bpb": ("val bits/byte", True), "
 # whether lower is better (None: neither).
 EXTERNAL = {"ext_math_acc": ("external arithmetic: accuracy", False),
             "ext_math_format": ("external arithmetic: answer-line rate", False),
+            "ext_rg_acc": ("reasoning-gym arithmetic: accuracy", False),
             "ext_chat_drill": ("chat prompts: math-drill replies", True),
             "ext_chat_rep3": ("chat prompts: repeated 3-grams", True),
             "ext_chat_distinct2": ("chat prompts: distinct bigrams", False),

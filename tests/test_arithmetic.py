@@ -279,6 +279,26 @@ def test_the_reasoning_gym_yardstick_is_right_and_apart_from_training():
     assert kind == "math" and len(records) == 200
 
 
+def test_the_external_score_asks_both_sets(monkeypatch):
+    """`external_arithmetic` (the stages' "what generalises" math rows) scores the hand-written set and the
+    reasoning-gym one: a few rows of each, a tiny random model, 4 new tokens."""
+    from train_fixtures import tiny_model, tiny_tokenizer
+
+    from instar import evalsets
+    from instar.train import evaluate
+
+    asked = []
+    real = evaluate.evaluate_math
+    monkeypatch.setattr(evaluate, "EXTERNAL_MATH_TOKENS", 4)
+    monkeypatch.setattr(evaluate, "evaluate_math", lambda m, tok, rows, *a: asked.append(len(rows)) or real(m, tok, rows, *a))
+    monkeypatch.setattr(evalsets, "arithmetic", lambda: external()[:5])
+    monkeypatch.setattr(evalsets, "reasoning_gym", lambda: evalsets._rows.__wrapped__("reasoning_gym")[:3])
+    tok = tiny_tokenizer()
+    values = evaluate.external_arithmetic(tiny_model(tok), tok)
+    assert asked == [5, 3] and set(values) == {"ext_math_acc", "ext_math_format", "ext_rg_acc"}
+    assert all(0.0 <= v <= 1.0 for v in values.values())
+
+
 def test_the_packaged_yardstick_reads_as_math_records():
     from instar import evalsets
     from instar.datasets.jsonl import read_records

@@ -17,8 +17,9 @@ short word problems (60), products and quotients (23). It is read by the evaluat
 `reasoning_gym.jsonl` is the same kind of yardstick written by a well-kept library instead of by hand
 (`bench/evalset_reasoning_gym.py` made it, seed 2026; reasoning-gym is not a dependency): sums, differences,
 brackets and negation in its "Calculate -42 - 93." / "Solve ..." / "State the final answer to the following
-arithmetic problem: 4 + 3 =" forms, one-digit products, chains of 2-5 terms, three-digit sums. `instar eval RUN
---data reasoning_gym` scores a model on it; the stages do not (the hand-written set is the report card's).
+arithmetic problem: 4 + 3 =" forms, one-digit products, chains of 2-5 terms, three-digit sums. The stages score it
+beside the hand-written set (`evaluate.external_arithmetic`: the report card's "reasoning-gym arithmetic" row), and
+`instar eval RUN --data reasoning_gym` scores any model on it.
 
     chat_prompts()                   # 62 hand-written chat prompts, none about arithmetic
     chat_references()                # the same prompts, each with a hand-written reference reply

@@ -6,7 +6,7 @@
     evaluate_math(model, tok, records)                     greedy pass@1 with GRPO's reward functions
     evaluate_file("runs/sft", "val.jsonl") -> {"kind": "messages", "n": 120, "loss": 2.1, "tokens": 9120}
     evaluate_file("runs/instar/grpo", "arithmetic")  -> the packaged external arithmetic set, asked the run's way
-    external_arithmetic(model, tok, instruction="")  -> {"ext_math_acc", "ext_math_format"}
+    external_arithmetic(model, tok, instruction="")  -> {"ext_math_acc", "ext_math_format", "ext_rg_acc"}
 
 `EVALUATORS` maps a record kind to fn(model, tok, records, opts) -> metrics; a stage adds its kind by
 registering one ("math" scores with GRPO's reward functions). Loss is mean next-token cross-entropy in nats. Bits-per-byte is the
@@ -150,11 +150,13 @@ EXTERNAL_MATH_TOKENS = 160  # worked steps of a 5-term two-digit chain in column
 
 def external_arithmetic(model, tok, instruction: str = "", batch_size: int = 64) -> dict[str, float]:
     """Greedy pass@1 and answer-line rate on `instar/evalsets/arithmetic.jsonl` (hand-written, never trained
-    on): the report card's "what generalises" rows for math. ~10 s for the ~1M preset on 2 cores."""
-    from instar.evalsets import arithmetic
+    on), and pass@1 on `reasoning_gym.jsonl` (written by a library of generators): the report card's "what
+    generalises" rows for math. ~15 s for the ~1M preset on 2 cores."""
+    from instar.evalsets import arithmetic, reasoning_gym
 
     m = evaluate_math(model, tok, arithmetic(), EXTERNAL_MATH_TOKENS, instruction, batch_size)
-    return {"ext_math_acc": m["accuracy"], "ext_math_format": m["format_rate"]}
+    rg = evaluate_math(model, tok, reasoning_gym(), EXTERNAL_MATH_TOKENS, instruction, batch_size)
+    return {"ext_math_acc": m["accuracy"], "ext_math_format": m["format_rate"], "ext_rg_acc": rg["accuracy"]}
 
 
 def math_prompt_form(checkpoint: str | Path) -> str:

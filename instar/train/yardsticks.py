@@ -26,7 +26,8 @@ through the loop's `Stage.yardsticks` hook (`loop.fit` -> `Session.measure`):
   in rows of TEXT_LEN tokens, the same for every stage whatever its `max_len`.
 - `OPENINGS`: the starts of plain sentences, continued greedily; distinct is the share of distinct words in a
   continuation ("pup pup pup ..." -> ~0.03), rep3 as above.
-- `arithmetic.jsonl` (with `external_eval`): greedy pass@1 and answer-line rate (`evaluate.external_arithmetic`).
+- `arithmetic.jsonl` (with `external_eval`): greedy pass@1 and answer-line rate (`evaluate.external_arithmetic`);
+  `reasoning_gym.jsonl`, the library-written set: greedy pass@1 (`ext_rg_acc`).
 Replies and continuations get the stage's `sample_tokens` (48 unless set: the report prompts' length too).
 Words are lower-cased runs of letters, digits and apostrophes, so punctuation does not hide a loop.
 Deliberately simple: greedy decoding only (one number per model, no sampling noise), one reply per prompt.
@@ -197,7 +198,8 @@ def for_stage(cfg, tok, chat: bool = True, scorer: Callable | None = None,
         return Yardsticks([first])
     if instruction is None:
         instruction = math_prompt_form(cfg.out)
-    return Yardsticks([first, Part({"math": instruction}, lambda m: external_arithmetic(m, tok, instruction))])
+    math = {"math": instruction, "sets": "arithmetic+reasoning_gym"}  # values kept by older versions lack the second
+    return Yardsticks([first, Part(math, lambda m: external_arithmetic(m, tok, instruction))])
 
 
 # --- measured once per model: a stage's end values are the next stage's start values ----------------------
