@@ -127,7 +127,7 @@ def decode(n: int) -> None:
                  setting=r.choice(P.MATH_SETTINGS), operation=r.choice(P.MATH_OPERATIONS)))]
     rows = []
     for constrained in (True, False):
-        backend = LlamaCppBackend(embedded_model_path(), constrained=constrained)
+        backend = LlamaCppBackend(embedded_teacher(), constrained=constrained)
         backend.check()
         for name, output, system, prompt in cases:
             valid, tokens, t0, reasons = 0, 0, time.perf_counter(), {}
@@ -149,7 +149,7 @@ def decode(n: int) -> None:
 
 def kinds(n: int, kinds_: list[str]) -> None:
     """Accepted records per minute per kind through the whole pipeline."""
-    backend = LlamaCppBackend(embedded_model_path(), name="embedded")
+    backend = LlamaCppBackend(embedded_teacher(), name="embedded")
     print("| kind | accepted | tried | minutes | records/min | tok/s | top rejection reasons |\n"
                   "|---|---|---|---|---|---|---|")
     for kind in kinds_:
@@ -172,7 +172,7 @@ def kinds(n: int, kinds_: list[str]) -> None:
 
 def overhead(n: int) -> None:
     """Wall time of the pipeline beyond the backend calls, real model and instant fake."""
-    timed = Timed(LlamaCppBackend(embedded_model_path(), name="embedded"))
+    timed = Timed(LlamaCppBackend(embedded_teacher(), name="embedded"))
     timed.check()
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
@@ -197,7 +197,7 @@ def overhead(n: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--part", choices=["batched", "decode", "kinds", "overhead", "all"], default="all")
-    ap.add_argument("--slots", default="8", help="batched: sequences per batch to compare, e.g. 4,8,16")
+    ap.add_argument("--slots", default="16", help="batched: sequences per batch to compare, e.g. 8,16")
     ap.add_argument("--n", type=int, default=10, help="items per measurement")
     ap.add_argument("--kinds", default="corpus,instructions,math,preferences")
     args = ap.parse_args()
