@@ -173,8 +173,8 @@ class BatchDecoder:
         seeds). Alone, a prompt is always evaluated the same way; prompt tokens gain little from sharing a call."""
         for seq in [s for s in active.values() if s.pos == 0]:
             self._decode([seq])
-        self._decode([active[s] for s in sorted(active) if active[s].pos > 0 and active[s].feed
-                      and not active[s].req.done.is_set()])  # in slot order: see `_decode`
+        self._decode([seq for _, seq in sorted(active.items())  # in slot order: see `_decode`
+                      if seq.pos > 0 and seq.feed and not seq.req.done.is_set()])
 
     def _decode(self, seqs: list[_Sequence]) -> None:
         """One llama_decode over the pending tokens of `seqs`, then a sampled token for each.
