@@ -36,12 +36,14 @@ METRICS = {"val_loss": ("val loss", True), "val_bpb": ("val bits/byte", True), "
            "pair_accuracy": ("pair accuracy", False), "margin": ("reward margin", False),
            "reward_mean": ("policy reward", False), "kl": ("KL to reference", True),
            "reward_accuracy": ("DPO reward accuracy", False), "reward_margin": ("DPO reward margin", False),
-           "accuracy": ("math accuracy", False), "pass_rate": ("pass rate", False)}
+           "accuracy": ("math accuracy", False), "pass_rate": ("pass rate", False),
+           "step_accuracy": ("math: worked steps right", False)}
 # The external yardsticks (train/yardsticks.py: hand-written arithmetic, chat prompts and text in instar/evalsets,
 # which no stage trains on), shown in their own table, "what generalises", one column per model; label and
 # whether lower is better (None: neither).
 EXTERNAL = {"ext_math_acc": ("external arithmetic: accuracy", False),
             "ext_math_format": ("external arithmetic: answer-line rate", False),
+            "ext_math_steps": ("external arithmetic: worked steps right", False),
             "ext_rg_acc": ("reasoning-gym arithmetic: accuracy", False),
             "ext_chat_drill": ("chat prompts: math-drill replies", True),
             "ext_chat_rep3": ("chat prompts: repeated 3-grams", True),

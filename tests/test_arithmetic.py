@@ -295,8 +295,30 @@ def test_the_external_score_asks_both_sets(monkeypatch):
     monkeypatch.setattr(evalsets, "reasoning_gym", lambda: evalsets._rows.__wrapped__("reasoning_gym")[:3])
     tok = tiny_tokenizer()
     values = evaluate.external_arithmetic(tiny_model(tok), tok)
-    assert asked == [5, 3] and set(values) == {"ext_math_acc", "ext_math_format", "ext_rg_acc"}
+    assert asked == [5, 3] and {"ext_math_acc", "ext_math_format", "ext_rg_acc"} <= set(values)
+    assert set(values) <= {"ext_math_acc", "ext_math_format", "ext_rg_acc", "ext_math_steps"}  # steps: if any written
     assert all(0.0 <= v <= 1.0 for v in values.values())
+
+
+def test_math_scores_count_the_worked_steps_that_are_right(monkeypatch):
+    """`step_accuracy` (and the external rows' `ext_math_steps`): the share of checked worked-step results that
+    are right over all replies, whatever their final answers; absent when no reply has a step."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from instar.train import evaluate
+
+    replies = ["4 + 8 = 12\n2 + 2 = 5\nAnswer: 125", "7 - 3 = 4\nAnswer: 4", "Answer: 9"]
+    fake = SimpleNamespace(texts=replies)
+    monkeypatch.setattr(evaluate, "generate", lambda *a, **k: fake)
+    monkeypatch.setattr(evaluate, "stopped", lambda gen, tok: torch.ones(len(gen.texts), dtype=torch.bool))
+    monkeypatch.setattr(evaluate, "render_chat", lambda *a, **k: ([0], [0]))
+    rows = [{"question": "q", "answer": a} for a in ("125", "4", "9")]
+    out = evaluate.evaluate_math(None, None, rows)
+    assert out["accuracy"] == 1.0 and out["step_accuracy"] == 2 / 3
+    fake.texts = ["Answer: 1", "Answer: 4", "Answer: 9"]
+    assert "step_accuracy" not in evaluate.evaluate_math(None, None, rows)
 
 
 def test_the_packaged_yardstick_reads_as_math_records():

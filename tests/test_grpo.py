@@ -134,6 +134,17 @@ def test_rewards_correctness_plus_small_format_bonus():
     assert score(["Answer: -1,000"], {"answer": "-1000"})[1] == [True]
 
 
+def test_worked_steps_are_checked_by_computation_up_to_their_first_wrong_character():
+    from instar.train.rewards import checked_steps
+
+    text = ("42 + 86\n2 + 6 = 8\n4 + 8 = 13\n42 + 86 = 138\n4 - 9 = 5\n2 + 8 = 1\n(4 + 9) - 7 = 6\n"
+            "-5 - 7 = -12\nx + 1 = 2\n7 = 7\n3 + 4 = 7")
+    steps = [(text[start:good], None if bad is None else text[bad]) for start, good, bad in checked_steps(text)]
+    assert steps == [("8", None), ("1", "3"), ("1", "3"), ("", "5"), ("1", "\n"), ("6", None), ("-12", None)]
+    # not steps: the restated question (no result), words ("x + 1"), no operation ("7 = 7"), and the last line,
+    # which has no newline yet (a rollout cut there may have stopped mid-number)
+
+
 def test_math_messages_teach_the_format_the_parser_reads():
     rec = {"question": "What is 2 + 2?", "answer": "4", "solution": "2 + 2 = 4"}
     msgs = math_messages(rec)["messages"]

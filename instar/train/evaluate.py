@@ -6,7 +6,7 @@
     evaluate_math(model, tok, records)                     greedy pass@1 with GRPO's reward functions
     evaluate_file("runs/sft", "val.jsonl") -> {"kind": "messages", "n": 120, "loss": 2.1, "tokens": 9120}
     evaluate_file("runs/instar/grpo", "arithmetic")  -> the packaged external arithmetic set, asked the run's way
-    external_arithmetic(model, tok, instruction="")  -> {"ext_math_acc", "ext_math_format", "ext_rg_acc"}
+    external_arithmetic(model, tok, instruction="")  -> {"ext_math_acc", "ext_math_format", "ext_math_steps", "ext_rg_acc"}
 
 `EVALUATORS` maps a record kind to fn(model, tok, records, opts) -> metrics; a stage adds its kind by
 registering one ("math" scores with GRPO's reward functions). Loss is mean next-token cross-entropy in nats. Bits-per-byte is the
@@ -28,7 +28,7 @@ from typing import Callable
 import torch
 
 from instar.errors import InstarError
-from instar.train.rewards import INSTRUCTION, math_prompt, score
+from instar.train.rewards import INSTRUCTION, checked_steps, math_prompt, score
 from instar.train.sampling import generate, stopped
 from instar.train.tokens import collate, label_count, pack_documents, render_chat, token_bytes, token_logprobs
 
@@ -92,8 +92,10 @@ def render_examples(tok, conversations: list[list[dict]], max_len: int) -> list[
 @torch.no_grad()
 def evaluate_math(model, tok, records: list[dict], max_new_tokens: int = 48, instruction: str = INSTRUCTION,
                   batch_size: int = 64, answers: bool = False) -> dict:
-    """Greedy pass@1 on math records with the training reward functions: accuracy, format rate, reward mean."""
-    rewards, correct, given = [], [], []
+    """Greedy pass@1 on math records with the training reward functions: accuracy, format rate, reward mean, and
+    `step_accuracy`, the share of worked steps whose result is right (`rewards.checked_steps`; absent when no
+    reply has a step)."""
+    rewards, correct, given, steps = [], [], [], []
     for i in range(0, len(records), batch_size):
         rows = records[i:i + batch_size]
         prompts = [render_chat(tok, math_prompt(r["question"], instruction), add_generation_prompt=True)[0]
@@ -104,8 +106,10 @@ def evaluate_math(model, tok, records: list[dict], max_new_tokens: int = 48, ins
             rewards.append(r[0])
             correct.append(c[0])
             given.append({"question": row["question"], "answer": row["answer"], "completion": text, "correct": c[0]})
+            steps += [bad is None for _, _, bad in checked_steps(text)]
     n = max(len(records), 1)
-    out = {"accuracy": sum(correct) / n, "format_rate": sum(r > 0 for r in rewards) / n, "reward_mean": sum(rewards) / n}
+    out = {"accuracy": sum(correct) / n, "format_rate": sum(r > 0 for r in rewards) / n, "reward_mean": sum(rewards) / n,
+           **({"step_accuracy": sum(steps) / len(steps)} if steps else {})}
     return {**out, "answers": given} if answers else out
 
 
@@ -156,7 +160,8 @@ def external_arithmetic(model, tok, instruction: str = "", batch_size: int = 64)
 
     m = evaluate_math(model, tok, arithmetic(), EXTERNAL_MATH_TOKENS, instruction, batch_size)
     rg = evaluate_math(model, tok, reasoning_gym(), EXTERNAL_MATH_TOKENS, instruction, batch_size)
-    return {"ext_math_acc": m["accuracy"], "ext_math_format": m["format_rate"], "ext_rg_acc": rg["accuracy"]}
+    return {"ext_math_acc": m["accuracy"], "ext_math_format": m["format_rate"], "ext_rg_acc": rg["accuracy"],
+            **({"ext_math_steps": m["step_accuracy"]} if "step_accuracy" in m else {})}
 
 
 def math_prompt_form(checkpoint: str | Path) -> str:

@@ -53,7 +53,7 @@ from instar.train.evaluate import evaluate_math
 from instar.train.loop import Closure, Stage, autocast, fit, open_session
 from instar.train.losses import grpo_loss, group_advantages
 from instar.train.models import load_model, unwrap, wrap_lora
-from instar.train.rewards import INSTRUCTION, math_messages, math_prompt, score
+from instar.train.rewards import INSTRUCTION, checked_steps, math_messages, math_prompt, score
 from instar.train.sampling import attention_kernel, generate, stopped
 from instar.train.sft import loss_fn as sft_loss
 from instar.train.tokens import collate, render_chat, token_logprobs
@@ -205,9 +205,10 @@ def rollout(model, tok, rows: list[dict], cfg: Config, seed: int, bf16: bool, de
     correct = torch.tensor([c and ok for c, ok in zip(correct, done.tolist())], dtype=torch.float32)
     taught = demos(tok, rows, correct.view(len(rows), G), cfg, scorer) if cfg.ptx_coef > 0 else []
     R = rewards.view(len(rows), G)
+    steps = [bad is None for text in gen.texts for _, _, bad in checked_steps(text)]
     return {"gen": gen, "rows": rows, "rewards": rewards, "correct": correct, "truncated": (~done).float().cpu(),
             "adv": group_advantages(R, cfg.scale_rewards).flatten(), "informative": (R.max(1).values > R.min(1).values),
-            "demos": taught, "pad": tok.pad_token_id}
+            "demos": taught, "pad": tok.pad_token_id, "step_right": sum(steps) / len(steps) if steps else None}
 
 
 def demos(tok, rows: list[dict], correct: torch.Tensor, cfg: Config, scorer: Scorer) -> list[tuple[list, list]]:
@@ -321,6 +322,7 @@ def metrics(s, micros: list[dict], sums: dict, has_ref: bool) -> dict:
             "kl": s.all_sum(sums.get("kl_sum", 0.0)) / kept if has_ref and kept else None,
             "clip_frac": s.all_sum(sums.get("clip_sum", 0.0)) / kept if kept else 0.0,
             "skipped_groups": 1.0 - mean(lambda ro: ro["informative"].float().mean()),
+            "step_right": mean(lambda ro: ro["step_right"]) if all(ro["step_right"] is not None for ro in micros) else None,
             "ptx_loss": sums.get("ptx_loss"), "ptx_rows": mean(lambda ro: len(ro["demos"])),
             "difficulty": micros[0]["level"]}
 

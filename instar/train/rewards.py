@@ -3,6 +3,7 @@
     extract_answer("3 + 4 = 7\\nAnswer: 7")                       -> "7"
     correctness_reward(["...\\nAnswer: 7", "Answer: 8"], answer="7") -> [1.0, 0.0]
     score(completions, row)                                      -> (rewards, correct flags)
+    checked_steps("7 + 8 = 15\\n4 + 8 + 1 = 12\\nAnswer: 125")   -> [(8, 10, None), (23, 24, 24)]
 
 The answer format (documented once, here): the completion's LAST non-empty line is `Answer: <number>`, where
 <number> is one number as `safe_eval.parse_number` reads it (`42`, `-3.5`, `1,234`, `7/2`, `$12`, `12%`; a
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import re
 
-from instar.generate.safe_eval import answers_match, parse_number
+from instar.generate.safe_eval import UnsafeExpression, answers_match, format_number, parse_number, safe_eval
 
 ANSWER_PREFIX = "Answer:"
 FORMAT_BONUS = 0.1
@@ -67,6 +68,38 @@ def score(completions: list[str], row: dict) -> tuple[list[float], list[bool]]:
     totals = [sum(values) for values in zip(*parts)]
     correct = [c == 1.0 for c in parts[0]]
     return totals, correct
+
+
+# --- worked steps, checked one by one -----------------------------------------------------------------------
+_STEP_LINE = re.compile(r"^(?P<lhs>[\d.()+\-*/ ]*\d[\d.()]* *[-+*/] *[\d.()+\-*/ ]*) = (?P<rhs>-?\d+(?:\.\d+)?)$")
+
+
+def checked_steps(text: str) -> list[tuple[int, int, int | None]]:
+    """Every worked step of `text` that computation can check: a whole line `<arithmetic> = <number>` ("7 + 8 =
+    15", "(4 + 9) - 7 = 6", "-5 - 7 = -12") ended by a newline, as (start, good, bad) character positions: the
+    result starts at `start`, is right up to `good`, and `bad` is its first wrong character (None when the result
+    is right). "4 + 8 = 13": the "1" is right, the "3" is bad; "2 + 8 = 1": the newline is bad (a digit is
+    missing). The left side is evaluated by `safe_eval` (parsed, never run); a line cut off without its newline,
+    or whose left side the evaluator refuses, is not a step. Where a small model's arithmetic fails is mostly here
+    (a wrong one-digit fact inside a right procedure), so `evaluate_math` reports the share of right steps
+    (`step_accuracy`; the external rows' `ext_math_steps`) and GRPO the share in its rollouts (`step_right`)."""
+    out, pos = [], 0
+    for line in text.splitlines(keepends=True):
+        start, pos = pos, pos + len(line)
+        m = _STEP_LINE.match(line.rstrip("\n")) if line.endswith("\n") else None
+        if m is None:
+            continue
+        try:
+            value = safe_eval(m["lhs"])
+        except UnsafeExpression:
+            continue
+        begin, written, expected = start + m.start("rhs"), m["rhs"], format_number(value)
+        if parse_number(written) == value:
+            out.append((begin, begin + len(written), None))
+            continue
+        same = next((i for i, (x, y) in enumerate(zip(written, expected)) if x != y), min(len(written), len(expected)))
+        out.append((begin, begin + same, begin + same))
+    return out
 
 
 # --- prompts and SFT targets in the same format -------------------------------------------------------------

@@ -198,7 +198,8 @@ def for_stage(cfg, tok, chat: bool = True, scorer: Callable | None = None,
         return Yardsticks([first])
     if instruction is None:
         instruction = math_prompt_form(cfg.out)
-    math = {"math": instruction, "sets": "arithmetic+reasoning_gym"}  # values kept by older versions lack the second
+    # values kept by older versions lack the second set and the worked-steps share
+    math = {"math": instruction, "sets": "arithmetic+reasoning_gym", "steps": True}
     return Yardsticks([first, Part(math, lambda m: external_arithmetic(m, tok, instruction))])
 
 
