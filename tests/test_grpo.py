@@ -295,6 +295,23 @@ def test_ptx_teaches_the_worked_solutions_of_the_problems_the_samples_miss(arith
     assert taught["end"]["format_rate"] >= taught["start"]["format_rate"] + 0.2, (taught["start"], taught["end"])
 
 
+def test_sft_keeps_the_prompt_form_of_its_math_conversations(arith_world, tmp_path):
+    """The arithmetic world's SFT conversations ask the bare question, so its run keeps "" and a later stage
+    (no summary of its own yet) and `instar eval` ask its models that way, not with the default instruction."""
+    from instar.train.evaluate import math_prompt_form
+    from instar.train.rewards import INSTRUCTION, load_prompt_form, prompt_form_of
+
+    _, sft = arith_world
+    assert load_prompt_form(sft) == "" and math_prompt_form(sft) == ""
+    assert math_prompt_form(tmp_path / "ppo", base=sft) == ""
+    assert math_prompt_form(tmp_path / "ppo") == INSTRUCTION  # nothing kept anywhere: the default
+    asked = [[{"role": "user", "content": f"What is 2 + {i}? {INSTRUCTION}"}, {"role": "assistant", "content": "x"}]
+             for i in range(3)]
+    assert prompt_form_of(asked) == INSTRUCTION and prompt_form_of(asked[:1] + [[asked[1][0] | {"content": "Hi"},
+                                                                            asked[1][1]]] * 2) == ""
+    assert prompt_form_of([]) is None
+
+
 def test_every_trainable_parameter_changes_and_loss_is_finite(arith_world, tmp_path):
     from instar.datasets import runs
     from instar.train import run_stage

@@ -164,10 +164,11 @@ def external_arithmetic(model, tok, instruction: str = "", batch_size: int = 64)
             **({"ext_math_steps": m["step_accuracy"]} if "step_accuracy" in m else {})}
 
 
-def math_prompt_form(checkpoint: str | Path) -> str:
+def math_prompt_form(checkpoint: str | Path, base: str | Path | None = None) -> str:
     """The instruction a run's math questions were asked with ("" = the bare question), found where the run
-    kept it: its own config (`instruction`, GRPO), else the pipeline's record beside it (`math_prompt.json`,
-    written by `instar run` with the SFT math set), else the model it started from, recursively. Models instar
+    kept it: its own config (`instruction`, GRPO), else its own record (`math_prompt.json`, written by SFT from
+    the form of its math conversations), else the pipeline's beside it (written by `instar run` with the SFT math
+    set), else the model it started from (`base` for a run that has no summary yet), recursively. Models instar
     did not train (a Hugging Face directory, embedded-smollm2) get the default instruction."""
     from instar.train.rewards import load_prompt_form
 
@@ -177,12 +178,13 @@ def math_prompt_form(checkpoint: str | Path) -> str:
         config = json.loads(summary.read_text()).get("config", {}) if summary.is_file() else {}
         if "instruction" in config:
             return config["instruction"]
-        kept = load_prompt_form(path.parent)
+        kept = next((f for f in (load_prompt_form(path), load_prompt_form(path.parent)) if f is not None), None)
         if kept is not None:
             return kept
-        if not config.get("model") or not Path(config["model"]).is_dir():
+        model, base = config.get("model") or base, None
+        if not model or not Path(model).is_dir():
             break
-        path = Path(config["model"])
+        path = Path(model)
     return INSTRUCTION
 
 

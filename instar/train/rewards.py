@@ -121,6 +121,15 @@ def save_prompt_form(directory, instruction: str) -> None:
     (Path(directory) / PROMPT_FILE).write_text(json.dumps({"instruction": instruction}) + "\n")
 
 
+def prompt_form_of(conversations: list[list[dict]]) -> str | None:
+    """The prompt form math conversations were written in: INSTRUCTION when most of their questions (the user turn
+    before the last reply) end with it, else "" (the bare question); None for no conversations."""
+    questions = [m[-2]["content"] for m in conversations if len(m) >= 2 and m[-2]["role"] == "user"]
+    if not questions:
+        return None
+    return INSTRUCTION if 2 * sum(q.rstrip().endswith(INSTRUCTION) for q in questions) > len(questions) else ""
+
+
 def load_prompt_form(directory) -> str | None:
     import json
     from pathlib import Path

@@ -37,6 +37,7 @@ from instar.train.config import TrainConfig
 from instar.train.evaluate import render_examples, score_conversations
 from instar.train.loop import Stage, fit, open_session, supervised
 from instar.train.models import load_model, wrap_lora
+from instar.train.rewards import extract_answer, prompt_form_of, save_prompt_form
 from instar.train.tokens import Sampler, collate_buckets, lm_loss, scored_positions
 
 
@@ -53,18 +54,19 @@ class Config(TrainConfig):
 
 
 # --- data ------------------------------------------------------------------------------------------------
-def examples(store, tok, split: str, max_len: int) -> tuple[list, int]:
-    """(rendered conversations, how many of them are math): chat first, then math, so a sampler can mix the two.
-    A math conversation is one whose last reply ends with an `Answer:` line (`rewards.extract_answer`)."""
-    from instar.train.rewards import extract_answer
-
+def examples(store, tok, split: str, max_len: int) -> tuple[list, int, str | None]:
+    """(rendered conversations, how many of them are math, the prompt form of the math ones): chat first, then
+    math, so a sampler can mix the two. A math conversation is one whose last reply ends with an `Answer:` line
+    (`rewards.extract_answer`); its prompt form is the bare question or the question + the answer-line
+    instruction (`rewards.prompt_form_of`; None without math)."""
     rows = [r["messages"] for r in store.require("messages", split, 1)]
     is_math = [extract_answer(m[-1]["content"]) is not None for m in rows]
+    math_rows = [m for m, x in zip(rows, is_math) if x]
     chat = render_examples(tok, [m for m, x in zip(rows, is_math) if not x], max_len)
-    math = render_examples(tok, [m for m, x in zip(rows, is_math) if x], max_len)
+    math = render_examples(tok, math_rows, max_len)
     if not chat + math:
         raise InstarError(f"no {split} conversation keeps an assistant token within max_len={max_len}")
-    return chat + math, len(math)
+    return chat + math, len(math), prompt_form_of(math_rows)
 
 
 class MixSampler:
@@ -107,8 +109,10 @@ def run(cfg: Config, store) -> dict:
     store.require("messages", "val", 1)
     s = open_session("sft", cfg, store)
     model, tok = load_model(cfg.model, purpose="lora" if cfg.lora else "full")
-    train_ex, train_math = examples(store, tok, "train", cfg.max_len)
+    train_ex, train_math, form = examples(store, tok, "train", cfg.max_len)
     val_ex = examples(store, tok, "val", cfg.max_len)[0]
+    if form is not None:  # the external arithmetic, and `instar eval` later, ask this run's models its way
+        save_prompt_form(cfg.out, form)
     if cfg.lora:
         model = wrap_lora(model, cfg)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -197,7 +197,7 @@ def for_stage(cfg, tok, chat: bool = True, scorer: Callable | None = None,
     if not cfg.external_eval:
         return Yardsticks([first])
     if instruction is None:
-        instruction = math_prompt_form(cfg.out)
+        instruction = math_prompt_form(cfg.out, base=getattr(cfg, "model", None))
     # values kept by older versions lack the second set and the worked-steps share
     math = {"math": instruction, "sets": "arithmetic+reasoning_gym", "steps": True}
     return Yardsticks([first, Part(math, lambda m: external_arithmetic(m, tok, instruction))])
