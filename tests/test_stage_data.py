@@ -29,8 +29,9 @@ def test_sft_examples_put_chat_first_then_math(store):
     store.add("messages", conversations(40), Provenance(source="import"))
     store.add("messages", drills(40), Provenance(source="procedural"))
     tok = tiny_tokenizer()
-    rendered, n_math = examples(store, tok, "train", 256)
+    rendered, n_math, form = examples(store, tok, "train", 256)
     rows = store.records("messages", "train")
+    assert form == ""  # the drills ask the bare question
     assert n_math == sum("Answer:" in r["messages"][-1]["content"] for r in rows) > 0 and len(rendered) == len(rows)
     assert all("Answer:" in tok.decode(ids) for ids, _ in rendered[-n_math:])
     assert not any("Answer:" in tok.decode(ids) for ids, _ in rendered[:-n_math])
