@@ -28,7 +28,7 @@ from typing import Callable
 import torch
 
 from instar.errors import InstarError
-from instar.train.rewards import INSTRUCTION, checked_steps, math_prompt, score
+from instar.train.rewards import INSTRUCTION, math_prompt, score, step_accuracy
 from instar.train.sampling import generate, stopped
 from instar.train.tokens import collate, label_count, pack_documents, render_chat, token_bytes, token_logprobs
 
@@ -93,9 +93,9 @@ def render_examples(tok, conversations: list[list[dict]], max_len: int) -> list[
 def evaluate_math(model, tok, records: list[dict], max_new_tokens: int = 48, instruction: str = INSTRUCTION,
                   batch_size: int = 64, answers: bool = False) -> dict:
     """Greedy pass@1 on math records with the training reward functions: accuracy, format rate, reward mean, and
-    `step_accuracy`, the share of worked steps whose result is right (`rewards.checked_steps`; absent when no
+    `step_accuracy`, the share of worked steps whose result is right (`rewards.step_accuracy`; absent when no
     reply has a step)."""
-    rewards, correct, given, steps = [], [], [], []
+    rewards, correct, given = [], [], []
     for i in range(0, len(records), batch_size):
         rows = records[i:i + batch_size]
         prompts = [render_chat(tok, math_prompt(r["question"], instruction), add_generation_prompt=True)[0]
@@ -106,10 +106,9 @@ def evaluate_math(model, tok, records: list[dict], max_new_tokens: int = 48, ins
             rewards.append(r[0])
             correct.append(c[0])
             given.append({"question": row["question"], "answer": row["answer"], "completion": text, "correct": c[0]})
-            steps += [bad is None for _, _, bad in checked_steps(text)]
-    n = max(len(records), 1)
+    n, steps = max(len(records), 1), step_accuracy([g["completion"] for g in given])
     out = {"accuracy": sum(correct) / n, "format_rate": sum(r > 0 for r in rewards) / n, "reward_mean": sum(rewards) / n,
-           **({"step_accuracy": sum(steps) / len(steps)} if steps else {})}
+           **({"step_accuracy": steps} if steps is not None else {})}
     return {**out, "answers": given} if answers else out
 
 

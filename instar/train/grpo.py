@@ -53,7 +53,7 @@ from instar.train.evaluate import evaluate_math
 from instar.train.loop import Closure, Stage, autocast, fit, open_session
 from instar.train.losses import grpo_loss, group_advantages
 from instar.train.models import load_model, unwrap, wrap_lora
-from instar.train.rewards import INSTRUCTION, checked_steps, math_messages, math_prompt, score
+from instar.train.rewards import INSTRUCTION, math_messages, math_prompt, score, step_accuracy
 from instar.train.sampling import attention_kernel, generate, stopped
 from instar.train.sft import loss_fn as sft_loss
 from instar.train.tokens import collate, render_chat, token_logprobs
@@ -205,10 +205,9 @@ def rollout(model, tok, rows: list[dict], cfg: Config, seed: int, bf16: bool, de
     correct = torch.tensor([c and ok for c, ok in zip(correct, done.tolist())], dtype=torch.float32)
     taught = demos(tok, rows, correct.view(len(rows), G), cfg, scorer) if cfg.ptx_coef > 0 else []
     R = rewards.view(len(rows), G)
-    steps = [bad is None for text in gen.texts for _, _, bad in checked_steps(text)]
     return {"gen": gen, "rows": rows, "rewards": rewards, "correct": correct, "truncated": (~done).float().cpu(),
             "adv": group_advantages(R, cfg.scale_rewards).flatten(), "informative": (R.max(1).values > R.min(1).values),
-            "demos": taught, "pad": tok.pad_token_id, "step_right": sum(steps) / len(steps) if steps else None}
+            "demos": taught, "pad": tok.pad_token_id, "step_right": step_accuracy(gen.texts)}
 
 
 def demos(tok, rows: list[dict], correct: torch.Tensor, cfg: Config, scorer: Scorer) -> list[tuple[list, list]]:

@@ -102,6 +102,12 @@ def checked_steps(text: str) -> list[tuple[int, int, int | None]]:
     return out
 
 
+def step_accuracy(texts: list[str]) -> float | None:
+    """The share of the worked steps in `texts` whose result is right (`checked_steps`); None when none has a step."""
+    right = [bad is None for text in texts for _, _, bad in checked_steps(text)]
+    return sum(right) / len(right) if right else None
+
+
 # --- prompts and SFT targets in the same format -------------------------------------------------------------
 def math_prompt(question: str, instruction: str = INSTRUCTION) -> list[dict]:
     """The chat turn a math question is asked with (GRPO rollouts, evaluation)."""
