@@ -119,7 +119,7 @@ def test_a_model_that_only_drills_scores_drill_one(tiny, monkeypatch):
 def test_every_stage_measures_the_yardsticks_at_start_and_end(store, tmp_path, monkeypatch):
     """Through the loop's `Stage.yardsticks` hook: once at the start and once at the end, never at the evals in
     between; stage 1 the language ones, a chat stage the chat ones, the arithmetic with `external_eval` (faked:
-    278 problems x 160 tokens from a model that never stops cost ~20 s; tests/test_arithmetic.py scores it)."""
+    278 problems x 256 tokens from a model that never stops cost ~30 s; tests/test_arithmetic.py scores it)."""
     from instar.datasets import runs
     from instar.train import run_stage, yardsticks
 

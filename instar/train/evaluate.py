@@ -135,8 +135,8 @@ def eval_messages(model, tok, records: list[dict], opts: EvalOptions) -> dict:
 def eval_math(model, tok, records: list[dict], opts: EvalOptions) -> dict:
     """Greedy pass@1 with GRPO's own reward functions, asked in the model's own prompt form; the answers it
     gave and the accuracy of each form (`family`) come back too."""
-    out = evaluate_math(model, tok, records, max_new_tokens=min(opts.max_len, 128), instruction=opts.instruction,
-                        batch_size=opts.batch_size, answers=True)
+    out = evaluate_math(model, tok, records, max_new_tokens=min(opts.max_len, EXTERNAL_MATH_TOKENS),
+                        instruction=opts.instruction, batch_size=opts.batch_size, answers=True)
     return {"prompt_form": opts.instruction or "bare question", **out, "by_family": by_family(records, out["answers"])}
 
 
@@ -148,7 +148,10 @@ def by_family(records: list[dict], answers: list[dict]) -> dict[str, float]:
 
 
 # --- the external arithmetic yardstick and the prompt form a run was trained with -----------------------
-EXTERNAL_MATH_TOKENS = 160  # worked steps of a 5-term two-digit chain in columns (4 x ~35 tokens) + the answer line
+# A reply's token budget for math questions (report card rows and `instar eval`): the worked steps of a 5-term chain
+# of two-digit numbers with negative partial results run to ~225 tokens before the answer line (the tiny student,
+# measured). At 160, 15 of 278 external replies were cut off mid-procedure and counted as "no answer line".
+EXTERNAL_MATH_TOKENS = 256
 
 
 def external_arithmetic(model, tok, instruction: str = "", batch_size: int = 64) -> dict[str, float]:

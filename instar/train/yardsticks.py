@@ -32,7 +32,7 @@ Replies and continuations get the stage's `sample_tokens` (48 unless set: the re
 Words are lower-cased runs of letters, digits and apostrophes, so punctuation does not hide a loop.
 Deliberately simple: greedy decoding only (one number per model, no sampling noise), one reply per prompt.
 Cost on 2 cores (AMD EPYC Zen 3): ~2 s per measurement for the tiny preset, minutes for a 135M model (the
-external arithmetic: 278 problems x up to 160 tokens).
+external arithmetic: 278 problems x up to 256 tokens).
 
 Measured once per model: a stage that ends writes its end values beside the model it saves (`keep`:
 model/yardsticks.json, each part — the chat or language ones, the arithmetic — with the settings it was measured
@@ -55,7 +55,8 @@ import torch
 
 from instar.errors import InstarError
 from instar.evalsets import chat_prompts, chat_references, text_paragraphs
-from instar.train.evaluate import external_arithmetic, math_prompt_form, score_conversations, score_rows
+from instar.train.evaluate import (EXTERNAL_MATH_TOKENS, external_arithmetic, math_prompt_form, score_conversations,
+                                   score_rows)
 from instar.train.models import EMBEDDED
 from instar.train.sampling import generate, stopped
 from instar.train.tokens import collate, pack_documents, render_chat, token_bytes
@@ -198,8 +199,8 @@ def for_stage(cfg, tok, chat: bool = True, scorer: Callable | None = None,
         return Yardsticks([first])
     if instruction is None:
         instruction = math_prompt_form(cfg.out, base=getattr(cfg, "model", None))
-    # values kept by older versions lack the second set and the worked-steps share
-    math = {"math": instruction, "sets": "arithmetic+reasoning_gym", "steps": True}
+    # values kept by older versions lack the second set and the worked-steps share, or had 160 tokens a reply
+    math = {"math": instruction, "sets": "arithmetic+reasoning_gym", "steps": True, "tokens": EXTERNAL_MATH_TOKENS}
     return Yardsticks([first, Part(math, lambda m: external_arithmetic(m, tok, instruction))])
 
 
