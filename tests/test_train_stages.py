@@ -54,6 +54,28 @@ def test_pretrain_from_scratch_learns_and_records_everything(world):
     assert json.loads((root / "pretrain" / "summary.json").read_text())["end"] == end
 
 
+def test_the_tokenizer_learns_from_the_corpus_and_a_sample_of_the_conversations(world, tmp_path):
+    """Stage 0's merges come from the text the model will read: the corpus, plus train-split conversations up to
+    the corpus's size in characters (never the val split)."""
+    from instar.train.pretrain import tokenizer_texts
+
+    store = Store.open(tmp_path / "small.db")
+    fill_store(store, 20, 300)
+    corpus = [r["text"] for r in store.records("text", "train")]
+    texts = tokenizer_texts(store, corpus, seed=0)
+    sample, size = texts[len(corpus):], sum(map(len, corpus))
+    assert texts[:len(corpus)] == corpus
+    assert sum(map(len, sample[:-1])) < size <= sum(map(len, sample))  # drawn up to the corpus's size
+    def rendered(split):
+        return {"\n".join(f"{m['role']}\n{m['content']}" for m in r["messages"])
+                for r in store.records("messages", split)}
+    assert set(sample) <= rendered("train") and not set(sample) & rendered("val")
+    assert tokenizer_texts(store, corpus, seed=1) != texts                   # a seeded draw
+    _, tok = load_model(world[0] / "pretrain")                                # the module's run: "assistant" and
+    assert len(tok("assistant")["input_ids"]) == 1                            # "user" are merged, as in every
+    assert len(tok("user")["input_ids"]) == 1                                 # rendered conversation
+
+
 def test_rerunning_a_finished_stage_returns_its_summary(world):
     root, store, summary = world
     again = run_stage("pretrain", None, FAST + [f"out={root}/pretrain", "max_steps=60", "eval_every=30"], store)

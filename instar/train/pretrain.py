@@ -5,8 +5,9 @@ pretrain it on the stored `text` records.
     instar train pretrain --set preset=small --set max_steps=2000
     instar train pretrain --set model=embedded-smollm2 --set lr=5e-5 --set out=runs/cpt   # continued pretraining
 
-Stage 0 (`model = "scratch"`): a byte-level BPE tokenizer is trained on the train split (never the val split),
-then a randomly initialised Llama of the chosen preset; its answers to REPORT_PROMPTS are logged as the
+Stage 0 (`model = "scratch"`): a byte-level BPE tokenizer is trained on the train split (never the val split)
+and on a sample of the stored conversations the later stages train on (`tokenizer_texts`), then a randomly
+initialised Llama of the chosen preset; its answers to REPORT_PROMPTS are logged as the
 report card's "before" (gibberish, as expected). Stage 1: next-token loss on packed rows of `max_len` tokens,
 documents joined by <|endoftext|>; held-out val loss and bits-per-byte at the start, every `eval_every`
 steps and at the end; at the start and end also the external yardsticks (`yardsticks.language`: bits per byte
@@ -60,7 +61,26 @@ def chat_documents(store, split: str) -> list[str]:
             if extract_answer(r["messages"][-1]["content"]) is None]
 
 
-def build(cfg: Config, train_texts: list[str], session):
+def tokenizer_texts(store, corpus: list[str], seed: int) -> list[str]:
+    """What stage 0's tokenizer learns its merges from: the corpus, and stored conversations of the train split
+    (each turn as its role and content on separate lines) drawn at random up to the corpus's size in characters,
+    so the corpus keeps at least half of the weight. A tokenizer learns from the text its model will read: with
+    the corpus alone (the default run: 74 documents) "assistant" was 5 tokens, "Answer" 5 and " + " 3, and a
+    worked math conversation ~100 tokens; with the sample ~77 (SFT's steps ~20% cheaper), the corpus ~5% more."""
+    import random
+
+    rows = [r["messages"] for r in store.records("messages", "train")]
+    random.Random(seed).shuffle(rows)
+    budget, sample = sum(map(len, corpus)), []
+    for messages in rows:
+        if budget <= 0:
+            break
+        sample.append("\n".join(f"{m['role']}\n{m['content']}" for m in messages))
+        budget -= len(sample[-1])
+    return corpus + sample
+
+
+def build(cfg: Config, store, train_texts: list[str], session):
     """(model, tokenizer): stage 0 from scratch, or a pretrained base."""
     if cfg.model != "scratch":
         return load_model(cfg.model, purpose="lora" if cfg.lora else "full")
@@ -75,7 +95,8 @@ def build(cfg: Config, train_texts: list[str], session):
     # Rank 0 trains and saves the tokenizer (or finds the one a resumed checkpoint was trained with);
     # other torchrun ranks wait, then load that same file.
     if session.is_main and not (saved / "tokenizer.json").exists():
-        train_tokenizer(train_texts, cfg.vocab_size or PRESETS[cfg.preset]["vocab"]).save_pretrained(saved)
+        texts = tokenizer_texts(store, train_texts, cfg.seed)
+        train_tokenizer(texts, cfg.vocab_size or PRESETS[cfg.preset]["vocab"]).save_pretrained(saved)
     session.barrier()
     tok = AutoTokenizer.from_pretrained(saved)
     return new_model(cfg.preset, tok, cfg.max_len), tok
@@ -98,7 +119,7 @@ def run(cfg: Config, store) -> dict:
         train_texts += chat_documents(store, "train")
     val_texts = [r["text"] for r in store.require("text", "val", 1)]
     s = open_session("pretrain", cfg, store)
-    model, tok = build(cfg, train_texts, s)
+    model, tok = build(cfg, store, train_texts, s)
     rows = pack_documents(tok, train_texts, cfg.max_len)
     val_rows = pack_documents(tok, val_texts, cfg.max_len)
     tbytes = token_bytes(tok)

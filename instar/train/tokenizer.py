@@ -14,7 +14,8 @@ GPT-2's ByteLevel regex: the same sequence as SmolLM2's tokenizer, which llama.c
 GGUF export keeps tokenising the same way). Without it, merges learned from a small corpus give some numbers
 one token and others two or three ("1998" vs "19" "9" "8"), and a model must learn each number's arithmetic
 separately; with it, "23 + 48 = 71" is ten digit and symbol tokens whose columns line up. Deliberately simple:
-no normaliser, merges learned from the corpus only.
+no normaliser; stage 1 trains it on the corpus and a sample of the stored conversations
+(`pretrain.tokenizer_texts`).
 """
 
 from __future__ import annotations
