@@ -40,20 +40,29 @@ def test_shaped_scores_penalise_no_eos_and_length_away_from_the_start():
     assert out[2] == pytest.approx(1 - 0.5 * math.log(2)) and out[3] == pytest.approx(out[2])  # 2x long = 2x short
 
 
-def test_ppo_runs_its_guards_and_logs_them(world, tmp_path):
+def test_ppo_runs_its_guards_and_logs_them(world, tmp_path, monkeypatch):
     """With every guard on: kl_coef moves step by step toward the target (logged, never more than 20%/horizon a
     step), the length term's zero point is the starting policy's length, a response that never stops scores less
-    than the reward model says, and the held-out measures include repetition and the stop rate."""
+    than the reward model says, and the held-out measures include repetition and the stop rate, over
+    `eval_samples` samples of every held-out prompt."""
+    from collections import Counter
+
     from instar.train import ppo
     from instar.train.models import load_model
 
     store, base = world
+    calls, real_rollout = [], ppo.rollout
+    monkeypatch.setattr(ppo, "rollout", lambda *a, **k: calls.append(list(map(tuple, a[4]))) or real_rollout(*a, **k))
     cfg = load_stage_config("ppo", None, [f"model={base}", f"out={tmp_path}/ppo", "max_steps=4", "lr=1e-2",
                                           "warmup=0", "batch_size=8", "mini_batch_size=4", "ppo_epochs=1",
                                           "max_new_tokens=6", "temperature=1.0", "eval_batches=1", "kl_coef=0.1",
                                           "kl_target=0.01", "kl_horizon=2", "no_eos_penalty=1.0",
-                                          "length_coef=0.5", "sample_tokens=4"])
+                                          "length_coef=0.5", "sample_tokens=4", "eval_samples=3"])
     summary = ppo.run(cfg, store, scorer=planted_scorer(load_model(base)[1]))
+    n_val, first = summary["data"]["val_prompts"], []
+    while len(first) < 3 * n_val:  # the start measure's rollouts come first: every held-out prompt, 3 times
+        first += calls.pop(0)
+    assert len(first) == 3 * n_val and set(Counter(first).values()) == {3} and len(set(first)) == n_val
     coefs = [v for _, v in runs.metric_series(store, summary["run_id"], "kl_coef")]  # what step N's rollouts used
     kls = [v for _, v in runs.metric_series(store, summary["run_id"], "rollout_kl")]
     assert coefs[0] == 0.1 and len(coefs) == 4 and kls[0] == pytest.approx(0, abs=1e-5)  # step 1: policy = ref
