@@ -66,6 +66,7 @@ def test_the_tokenizer_learns_from_the_corpus_and_a_sample_of_the_conversations(
     sample, size = texts[len(corpus):], sum(map(len, corpus))
     assert texts[:len(corpus)] == corpus
     assert sum(map(len, sample[:-1])) < size <= sum(map(len, sample))  # drawn up to the corpus's size
+
     def rendered(split):
         return {"\n".join(f"{m['role']}\n{m['content']}" for m in r["messages"])
                 for r in store.records("messages", split)}
