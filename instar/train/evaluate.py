@@ -113,6 +113,12 @@ def evaluate_math(model, tok, records: list[dict], max_new_tokens: int = 48, ins
 
 
 # --- per-kind dispatch -----------------------------------------------------------------------------------
+# A reply's token budget for math questions (report card rows and `instar eval`): the worked steps of a 5-term chain
+# of two-digit numbers with negative partial results run to ~225 tokens before the answer line (the tiny student,
+# measured). At 160, 15 of 278 external replies were cut off mid-procedure and counted as "no answer line".
+EXTERNAL_MATH_TOKENS = 256
+
+
 @dataclass
 class EvalOptions:
     batch_size: int = 8
@@ -148,12 +154,6 @@ def by_family(records: list[dict], answers: list[dict]) -> dict[str, float]:
 
 
 # --- the external arithmetic yardstick and the prompt form a run was trained with -----------------------
-# A reply's token budget for math questions (report card rows and `instar eval`): the worked steps of a 5-term chain
-# of two-digit numbers with negative partial results run to ~225 tokens before the answer line (the tiny student,
-# measured). At 160, 15 of 278 external replies were cut off mid-procedure and counted as "no answer line".
-EXTERNAL_MATH_TOKENS = 256
-
-
 def external_arithmetic(model, tok, instruction: str = "", batch_size: int = 64) -> dict[str, float]:
     """Greedy pass@1 and answer-line rate on `instar/evalsets/arithmetic.jsonl` (hand-written, never trained
     on), and pass@1 on `reasoning_gym.jsonl` (written by a library of generators): the report card's "what
