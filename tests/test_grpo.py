@@ -307,8 +307,8 @@ def test_sft_keeps_the_prompt_form_of_its_math_conversations(arith_world, tmp_pa
     assert math_prompt_form(tmp_path / "ppo") == INSTRUCTION  # nothing kept anywhere: the default
     asked = [[{"role": "user", "content": f"What is 2 + {i}? {INSTRUCTION}"}, {"role": "assistant", "content": "x"}]
              for i in range(3)]
-    assert prompt_form_of(asked) == INSTRUCTION and prompt_form_of(asked[:1] + [[asked[1][0] | {"content": "Hi"},
-                                                                            asked[1][1]]] * 2) == ""
+    bare = [[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "x"}]] * 2
+    assert prompt_form_of(asked) == INSTRUCTION and prompt_form_of(asked[:1] + bare) == ""  # the form most ask in
     assert prompt_form_of([]) is None
 
 
