@@ -87,6 +87,7 @@ def test_a_step_whose_groups_all_have_equal_rewards_updates_nothing():
     ones = torch.ones(4, 3, dtype=torch.long)
     ro = {"gen": Completions([""] * 4, ones, ones, ones, ones), "adv": group_advantages(rewards).flatten(),
           "informative": rewards.max(1).values > rewards.min(1).values}
+    ro["trained"] = ro["informative"]
     s = SimpleNamespace(device=torch.device("cpu"), bf16=False, all_sum=lambda x: sum(x) if isinstance(x, list) else x)
     groups = updates(s, model, None, cfg.model_copy(update={"group_size": 2}), [ro])
     assert groups == [[], []]
@@ -177,6 +178,31 @@ def test_the_curriculum_steers_by_the_problems_drawn_at_its_level():
     assert level_pass_rate([ro], cfg.model_copy(update={"mixed_levels": 0.0})) == 0.375
     assert level_pass_rate([ro], cfg.model_copy(update={"mixed_levels": 1.0})) == 0.375
     assert level_pass_rate([ro], cfg.model_copy(update={"source": "store"})) == 0.375
+
+
+def test_dynamic_sampling_draws_more_problems_and_trains_on_at_most_a_batch_of_groups_with_signal():
+    """oversample 2: 8 problems sampled for a batch of 4 (the level's first, the mixed-level share scaled with them,
+    the curriculum still steering by the level's ones); of 5 groups with signal, 4 drawn at random (seeded) are
+    trained on, one chunk each at micro_batch = G; with fewer than 4, every one."""
+    from types import SimpleNamespace
+
+    from instar.train.grpo import at_most, level_pass_rate, mixed_count, updates
+    from instar.train.sampling import Completions
+
+    cfg = Config(batch_size=4, group_size=2, oversample=2.0, mixed_levels=0.5, micro_batch=2)
+    batch = Problems(cfg, store=None).batch(0, 3)
+    assert len(batch) == 8 and mixed_count(cfg) == 4
+    assert level_pass_rate([{"correct": torch.tensor([1.0] * 8 + [0.0] * 8)}], cfg) == 1.0
+    informative = torch.tensor([True, False, True, True, False, True, False, True])
+    picked = at_most(informative, 4, seed=7)
+    assert int(picked.sum()) == 4 and not bool((picked & ~informative).any())
+    assert torch.equal(picked, at_most(informative, 4, seed=7))  # a pure function of the step: exact resume
+    assert len({tuple(at_most(informative, 4, seed=k).tolist()) for k in range(20)}) > 1
+    assert torch.equal(at_most(informative, 5, seed=7), informative)
+    ones = torch.ones(16, 3, dtype=torch.long)
+    ro = {"gen": Completions([""] * 16, ones, ones, ones, ones), "adv": torch.zeros(16), "trained": picked}
+    s = SimpleNamespace(device=torch.device("cpu"), bf16=False, all_sum=lambda x: sum(x) if isinstance(x, list) else x)
+    assert [len(g) for g in updates(s, torch.nn.Linear(2, 2), None, cfg, [ro])] == [4]
 
 
 def test_training_batches_never_contain_held_out_problems():

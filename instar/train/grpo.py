@@ -14,8 +14,10 @@ then a policy-gradient update. The one formulation, and where each piece comes f
   completion token of the step, so long completions are not down-weighted (Yu et al. 2025, DAPO, sec. 3.3);
 - optional KL to the starting model with the k3 estimator exp(q - p) - (q - p) - 1 (Schulman 2020, as in
   DeepSeekMath eq. 4); beta = 0 by default (DAPO and Dr. GRPO drop it), logged either way when `log_kl`;
-- groups whose rewards are all equal carry no signal and are skipped (DAPO filters them too, but refills
-  the batch by resampling; we don't, to keep a step's cost fixed);
+- groups whose rewards are all equal carry no signal and are skipped; `oversample` > 1 is DAPO's dynamic
+  sampling in one round (Yu et al. 2025, sec. 3.2): draw oversample x batch_size problems, sample them all and
+  train on at most batch_size of the groups with signal, so a step's cost stays bounded (DAPO resamples until
+  the batch is full);
 - a completion that hits `max_new_tokens` without its stop token is TRUNCATED: it gets reward 0 whatever it
   says (its answer line may be cut mid-number) and stays in the loss, so the model learns to finish in budget.
 - optional ptx term (`ptx_coef`, after Ma et al. 2025, ReLIFT): + the SFT loss on the worked solutions of the
@@ -37,6 +39,7 @@ detached when epochs = 1.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Literal
 
@@ -67,6 +70,9 @@ class Config(TrainConfig):
     out: str = Field("runs/grpo", description="Run directory.")
     max_steps: int = Field(100, ge=1, description="Rollout + update steps.")
     batch_size: int = Field(8, ge=1, description="Problems per step; each gets group_size completions.")
+    oversample: float = Field(1.0, ge=1, le=4, description="Dynamic sampling (DAPO): sample oversample x batch_size "
+                              "problems per step and train on at most batch_size of those whose group's rewards "
+                              "differ (1 = off: every group with signal of batch_size problems).")
     group_size: int = Field(8, ge=2, description="Completions sampled per problem (G).")
     # 1e-5 for SmolLM2-135M (full FT); the ~1M presets need ~3e-4 to move within a few dozen steps.
     lr: float = Field(1e-5, gt=0, description="Peak learning rate.")
@@ -125,7 +131,7 @@ class Problems:
 
     def batch(self, step: int, level: int) -> list[dict]:
         """The step's problems: a pure function of (seed, step, level), so resuming needs only the step."""
-        n, seed = self.cfg.batch_size, self.cfg.seed * 1_000_003 + step
+        n, seed = drawn(self.cfg), self.cfg.seed * 1_000_003 + step
         if self.cfg.source == "store":
             pool = self.pool[min(self.levels, key=lambda d: abs(d - level))]
             g = torch.Generator().manual_seed(seed)
@@ -138,9 +144,14 @@ class Problems:
         return rows[:n - mixed] + rest[:mixed]
 
 
+def drawn(cfg: Config) -> int:
+    """Problems sampled per rollout batch: batch_size, more with dynamic sampling (`oversample`)."""
+    return math.ceil(cfg.batch_size * cfg.oversample - 1e-9)
+
+
 def mixed_count(cfg: Config) -> int:
     """Problems of each batch drawn from every level (`mixed_levels`; procedural only): the last ones of the batch."""
-    return round(cfg.batch_size * cfg.mixed_levels) if cfg.source == "procedural" else 0
+    return round(drawn(cfg) * cfg.mixed_levels) if cfg.source == "procedural" else 0
 
 
 def level_pass_rate(micros: list[dict], cfg: Config) -> float:
@@ -148,7 +159,7 @@ def level_pass_rate(micros: list[dict], cfg: Config) -> float:
     rollout batch, `Problems.batch`), not the `mixed_levels` share drawn from every level, whose pass rate does not
     move with the level (with it, the default run's curriculum never left level 1); all problems when every one is
     mixed or the source is the store."""
-    own = cfg.batch_size - mixed_count(cfg)
+    own = drawn(cfg) - mixed_count(cfg)
     k = own * cfg.group_size if own > 0 else None
     return sum(float(ro["correct"][:k].mean()) for ro in micros) / len(micros)
 
@@ -205,9 +216,21 @@ def rollout(model, tok, rows: list[dict], cfg: Config, seed: int, bf16: bool, de
     correct = torch.tensor([c and ok for c, ok in zip(correct, done.tolist())], dtype=torch.float32)
     taught = demos(tok, rows, correct.view(len(rows), G), cfg, scorer) if cfg.ptx_coef > 0 else []
     R = rewards.view(len(rows), G)
+    informative = R.max(1).values > R.min(1).values
     return {"gen": gen, "rows": rows, "rewards": rewards, "correct": correct, "truncated": (~done).float().cpu(),
-            "adv": group_advantages(R, cfg.scale_rewards).flatten(), "informative": (R.max(1).values > R.min(1).values),
-            "demos": taught, "pad": tok.pad_token_id, "step_right": step_accuracy(gen.texts)}
+            "adv": group_advantages(R, cfg.scale_rewards).flatten(), "informative": informative,
+            "trained": at_most(informative, cfg.batch_size, seed), "demos": taught, "pad": tok.pad_token_id,
+            "step_right": step_accuracy(gen.texts)}
+
+
+def at_most(informative: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    """The groups a step trains on: every informative one, or n of them drawn at random (seeded) when there are more
+    (dynamic sampling: the level's problems come first in a batch, so taking the first n would favour them)."""
+    idx = informative.nonzero().flatten()
+    if len(idx) <= n:
+        return informative
+    pick = idx[torch.randperm(len(idx), generator=torch.Generator().manual_seed(seed))[:n]]
+    return torch.zeros_like(informative).index_fill(0, pick, True)
 
 
 def demos(tok, rows: list[dict], correct: torch.Tensor, cfg: Config, scorer: Scorer) -> list[tuple[list, list]]:
@@ -272,7 +295,7 @@ def updates(s, model, ref, cfg: Config, micros: list[dict]) -> list[list[Closure
     for ro in micros:
         keys = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")
         ro["seqs"] = {k: getattr(ro["gen"], k).to(device) for k in keys}
-        keep = ro["informative"].repeat_interleave(G).nonzero().flatten().tolist()
+        keep = ro["trained"].repeat_interleave(G).nonzero().flatten().tolist()
         work += [(ro, keep[i:i + size]) for i in range(0, len(keep), size)]
     total = s.all_sum([float(ro["seqs"]["completion_mask"][c].sum()) for ro, c in work])
     with torch.no_grad(), autocast(device, s.bf16):  # the old policy's and the reference's log-probs, once
@@ -321,6 +344,7 @@ def metrics(s, micros: list[dict], sums: dict, has_ref: bool) -> dict:
             "kl": s.all_sum(sums.get("kl_sum", 0.0)) / kept if has_ref and kept else None,
             "clip_frac": s.all_sum(sums.get("clip_sum", 0.0)) / kept if kept else 0.0,
             "skipped_groups": 1.0 - mean(lambda ro: ro["informative"].float().mean()),
+            "trained_groups": mean(lambda ro: ro["trained"].sum()),
             "step_right": mean(lambda ro: ro["step_right"]) if all(ro["step_right"] is not None for ro in micros) else None,
             "ptx_loss": sums.get("ptx_loss"), "ptx_rows": mean(lambda ro: len(ro["demos"])),
             "difficulty": micros[0]["level"]}
@@ -355,7 +379,7 @@ def run(cfg: Config, store, scorer: Scorer = score) -> dict:
         ref = load_model(cfg.model, s.device)[0].eval().requires_grad_(False)
     model = s.place(model)
     s.data = {"source": cfg.source, "heldout_problems": len(problems.heldout), "families": cfg.families,
-              "group_size": cfg.group_size, "rollouts_per_step": cfg.batch_size * cfg.group_size * cfg.grad_accum,
+              "group_size": cfg.group_size, "rollouts_per_step": drawn(cfg) * cfg.group_size * cfg.grad_accum,
               "base": cfg.model}
     first = max(min(cfg.difficulty, problems.levels[-1]), problems.levels[0])
     cur = Curriculum(first, problems.levels[0], problems.levels[-1], cfg.target_pass, cfg.band)
