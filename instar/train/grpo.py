@@ -33,8 +33,8 @@ runs over all of them, so 2 ranks equal one process with grad_accum=2 (tested). 
 rest: `epochs` optimizer steps, the schedule, interrupts at step boundaries, checkpoints (with the curriculum), evals.
 Speed: the update runs each group's prompt once and shares its KV cache with the G completions (exact; see
 `completion_logprobs`). Simplifications: `epochs` optimizer steps per rollout batch on the whole batch (no
-minibatch shuffling); no dynamic resampling; one reward mix; the old policy's log-probs are the current ones
-detached when epochs = 1.
+minibatch shuffling); dynamic sampling in one round, not until the batch is full; one reward mix; the old
+policy's log-probs are the current ones detached when epochs = 1.
 """
 
 from __future__ import annotations
