@@ -69,11 +69,16 @@ def test_loss_clips_the_ratio_and_adds_k3_kl_with_beta():
     assert math.isclose(float(no_beta), float(loss)) and m0["kl"] > 0  # measured, not optimised, at beta 0
 
 
+def one_process():
+    """The part of a training session `grpo.updates` reads: one CPU process, fp32, sums over ranks = local sums."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(device=torch.device("cpu"), bf16=False, all_sum=lambda x: sum(x) if isinstance(x, list) else x)
+
+
 def test_a_step_whose_groups_all_have_equal_rewards_updates_nothing():
     """No informative group: the update has no closures at all, and the loop's optimizer steps without gradients
     (grad_clip 0 included: it used to die stacking no gradient norms) leave the weights alone."""
-    from types import SimpleNamespace
-
     from instar.train.grpo import updates
     from instar.train.loop import make_optimizer, make_scheduler, optimizer_step
     from instar.train.sampling import Completions
@@ -88,8 +93,7 @@ def test_a_step_whose_groups_all_have_equal_rewards_updates_nothing():
     ro = {"gen": Completions([""] * 4, ones, ones, ones, ones), "adv": group_advantages(rewards).flatten(),
           "informative": rewards.max(1).values > rewards.min(1).values}
     ro["trained"] = ro["informative"]
-    s = SimpleNamespace(device=torch.device("cpu"), bf16=False, all_sum=lambda x: sum(x) if isinstance(x, list) else x)
-    groups = updates(s, model, None, cfg.model_copy(update={"group_size": 2}), [ro])
+    groups = updates(one_process(), model, None, cfg.model_copy(update={"group_size": 2}), [ro])
     assert groups == [[], []]
     for _ in groups:
         assert optimizer_step(list(model.parameters()), opt, sched, cfg) == 0.0
@@ -184,8 +188,6 @@ def test_dynamic_sampling_draws_more_problems_and_trains_on_at_most_a_batch_of_g
     """oversample 2: 8 problems sampled for a batch of 4 (the level's first, the mixed-level share scaled with them,
     the curriculum still steering by the level's ones); of 5 groups with signal, 4 drawn at random (seeded) are
     trained on, one chunk each at micro_batch = G; with fewer than 4, every one."""
-    from types import SimpleNamespace
-
     from instar.train.grpo import at_most, level_pass_rate, mixed_count, updates
     from instar.train.sampling import Completions
 
@@ -201,8 +203,7 @@ def test_dynamic_sampling_draws_more_problems_and_trains_on_at_most_a_batch_of_g
     assert torch.equal(at_most(informative, 5, seed=7), informative)
     ones = torch.ones(16, 3, dtype=torch.long)
     ro = {"gen": Completions([""] * 16, ones, ones, ones, ones), "adv": torch.zeros(16), "trained": picked}
-    s = SimpleNamespace(device=torch.device("cpu"), bf16=False, all_sum=lambda x: sum(x) if isinstance(x, list) else x)
-    assert [len(g) for g in updates(s, torch.nn.Linear(2, 2), None, cfg, [ro])] == [4]
+    assert [len(g) for g in updates(one_process(), torch.nn.Linear(2, 2), None, cfg, [ro])] == [4]
 
 
 def test_training_batches_never_contain_held_out_problems():
