@@ -93,6 +93,36 @@ def test_sums_and_differences_of_bigger_numbers_go_column_by_column():
         "48 + 37 - 9", "8 + 7 = 15", "4 + 3 + 1 = 8", "48 + 37 = 85", "15 - 9 = 6", "7 - 0 = 7", "85 - 9 = 76"]
 
 
+def test_a_product_with_a_one_digit_factor_goes_digit_by_digit():
+    """Like the columns of a sum: each line one single-digit fact, or a carry added on a line of its own."""
+    assert ar.columns(F(23), "*", F(7)) == ["3 * 7 = 21", "2 * 7 = 14", "14 + 2 = 16"]
+    assert ar.columns(F(7), "*", F(23)) == ["7 * 3 = 21", "7 * 2 = 14", "14 + 2 = 16"]
+    assert ar.columns(F(20), "*", F(5)) == ["0 * 5 = 0", "2 * 5 = 10"]
+    assert ar.columns(F(6), "*", F(7)) == [] and ar.columns(F(12), "*", F(13)) == []  # a fact; two long factors
+    assert ar.columns(F(56), "/", F(7)) == []
+    assert ar.solution(("*", -14, 6, False)).splitlines() == [
+        "-14 * 6", "4 * 6 = 24", "1 * 6 = 6", "6 + 2 = 8", "14 * 6 = 84", "-14 * 6 = -84"]
+
+
+def test_the_times_table_is_a_level_one_fact_and_one_step_stories_multiply_and_share():
+    rng = random.Random("times")
+    trees = [ar.draw_tree(rng, 1) for _ in range(1000)]
+    table = [t for t in trees if t[0] == "*"]
+    assert 0.2 < len(table) / len(trees) < 0.4 and all(2 <= x <= 9 for t in table for x in t[1:3])
+    quotients = [t for t in (ar.draw_tree(rng, 2) for _ in range(1000)) if t[0] == "/"]
+    assert quotients and all(t[1] % t[2] == 0 and 2 <= t[2] <= 9 and t[1] // t[2] <= 9 for t in quotients)
+    said = [ar.arithmetic_problem(rng, 1)[0] for _ in range(1000)]
+    assert {s for q in said for s in "*x×" if f" {s} " in q} == set("*x×")  # products as people type them
+    for level in (1, 2):
+        stories = [ar.story_problem(rng, level) for _ in range(600)]
+        ops = [t[0] for _, t in stories]
+        assert 0.2 < (ops.count("*") + ops.count("/")) / len(ops) < 0.4 and ops.count("/") > 30
+        for q, t in stories:
+            assert ar.value(t).denominator == 1 and ar.value(t) >= 0, q
+            if t[0] == "*":
+                assert min(t[1], t[2]) <= 9 and max(t[1], t[2]) <= (9 if level == 1 else 99), q
+
+
 def test_signed_operations_are_first_done_on_magnitudes():
     """Every signed step is preceded by the same work on numbers >= 0: the unsigned facts, then the sign."""
     def steps(t):

@@ -39,13 +39,13 @@ def test_difficulty_and_families_respected():
     assert {p.difficulty for p in mixed} == set(range(1, MAX_DIFFICULTY + 1))
 
 
-def test_lowest_level_is_single_digit_sums_and_differences_in_many_phrasings():
+def test_lowest_level_is_single_digit_sums_differences_and_products_in_many_phrasings():
     problems = make_problem_objects(200, seed=0, families=["arithmetic"], difficulty=1)
     for p in problems:
         a, op, b = p.expr.split(" ")
-        assert 0 <= int(a) <= 9 and 0 <= int(b) <= 9 and op in "+-" and p.answer >= 0
+        assert 0 <= int(a) <= 9 and 0 <= int(b) <= 9 and op in "+-*" and p.answer >= 0
         assert p.solution == f"{p.expr} = {p.record()['answer']}"  # the one worked step
-    assert {p.expr.split(" ")[1] for p in problems} == {"+", "-"}
+    assert {p.expr.split(" ")[1] for p in problems} == {"+", "-", "*"}  # the times table is a first fact too
     assert len({p.question.replace(p.expr, "E") for p in problems}) > 20  # many sentence patterns
 
 

@@ -8,12 +8,14 @@
 
 A problem is an expression tree — an int leaf, or (op, left, right, parenthesised) — drawn at a level, then
 said in one of many phrasings: as symbols ("What is 23 + 48 - 9?"), in words ("Take 9 away from 23."), as a
-chain of instructions ("Begin with 23. Add 48, then subtract 9."), or as a short story. Forms by level
+chain of instructions ("Begin with 23. Add 48, then subtract 9."), or as a short story (of adding and taking
+away, or of equal groups and equal shares: `GROUPS`, `SHARES`). Forms by level
 (the curriculum's dial, 1 = what a ~1M-param model learns first):
 
-    1  a + b or a - b, single digits, never below zero
-    2  two-digit operands (one or both); three single-digit terms; single-digit products; a one-digit sum or
-       difference with a sign (4 - 9, -3 + 5, 6 - (-2): the signed facts, done on magnitudes, learned early)
+    1  a + b or a - b, single digits, never below zero; the times table (a * b, single digits: TIMES_TABLE)
+    2  two-digit operands (one or both); three single-digit terms; single-digit products and the quotients they
+       make (56 / 7); a one-digit sum or difference with a sign (4 - 9, -3 + 5, 6 - (-2): the signed facts, done
+       on magnitudes, learned early)
     3  negative operands and results; parentheses; three-digit sums; two-digit x one-digit; exact quotients
     4  chains of 3-5 terms of one or two digits (may go below zero); two bracketed groups; c x (a +- b)
     5  any of the above with operands up to three digits
@@ -21,12 +23,14 @@ chain of instructions ("Begin with 23. Add 48, then subtract 9."), or as a short
 The reply a model is taught (`worked_steps`) is one line per operation, innermost first, left to right —
 "23 + 48 = 71", "71 - 9 = 62" — then "Answer: 62": the seed's "defined series of steps". A sum or difference
 with a two- or three-digit operand is first done in columns, units first ("3 + 8 = 11", "2 + 4 + 1 = 7",
-then "23 + 48 = 71"; see `columns`), so every operation a model must learn is a single-digit fact. An operation
-with a negative operand or result is first done on the magnitudes ("9 - 4 = 5", then "4 - 9 = -5"; see
-`magnitudes`), so the signed ones need no facts of their own either. A negative right operand is written in
-brackets ("8 - (-5) = 13") so every step reads one way. The step lines restate the
-problem as arithmetic, so a model that learned to parse a phrasing and to add two numbers can answer
-phrasings it never saw; GRPO's reward checks only the final answer line.
+then "23 + 48 = 71"; see `columns`), and so is a product by a one-digit number ("23 * 7": "3 * 7 = 21",
+"2 * 7 = 14", "14 + 2 = 16", then "23 * 7 = 161"; see `product_columns`), so every operation a model must learn
+is a single-digit fact (or a carry added). An operation with a negative operand or result is first done on
+the magnitudes ("9 - 4 = 5", then "4 - 9 = -5"; see `magnitudes`), so the signed ones need no facts of their
+own either. A negative right operand is written in brackets ("8 - (-5) = 13") so every step reads one way.
+The step lines restate the problem as arithmetic, so a model that learned to parse a phrasing and to add two
+numbers can answer phrasings it never saw; GRPO's reward checks only the final answer line. A product or
+quotient is also asked with "x", "×" or "÷" as people type them; its steps always read "*" and "/".
 
 Phrasings are hand-written here and nowhere else; `instar/evalsets/arithmetic.jsonl` (the external yardstick)
 was written separately in other words, and `tests/test_arithmetic.py` checks that no template of this module
@@ -111,9 +115,12 @@ def columns(a: F, op: str, b: F) -> list[str]:
     """Column steps for a sum or difference of whole numbers >= 0 with a two- or three-digit operand, units
     first, each one single-digit fact (a carry is "+ 1"; a borrow shows as the top digit + 10):
     48 + 37 -> ["8 + 7 = 15", "4 + 3 + 1 = 8"]; 52 - 37 -> ["12 - 7 = 5", "4 - 3 = 1"] (bigger minus smaller).
-    [] for anything else (signs: see `magnitudes`; fractions, one digit, products), which keeps its one line.
+    A product with one one-digit factor goes digit by digit (`product_columns`). [] for anything else (signs:
+    see `magnitudes`; fractions, one digit, quotients), which keeps its one line.
     Why: with "48 + 37 = 85" alone a ~1M model must learn every sum of two-digit numbers as its own fact; in
     columns it needs the 100 single-digit facts, and every column drills them."""
+    if op == "*":
+        return product_columns(a, b)
     if op not in "+-" or a.denominator != 1 or b.denominator != 1 or min(a, b) < 0 or max(a, b) < 10:
         return []
     x, y = int(a), int(b)
@@ -134,6 +141,27 @@ def columns(a: F, op: str, b: F) -> list[str]:
             top = dx - carry
             carry = int(top < dy)
             lines.append(f"{top + 10 * carry} - {dy} = {top + 10 * carry - dy}")
+    return lines
+
+
+def product_columns(a: F, b: F) -> list[str]:
+    """A many-digit whole number times a one-digit one, digit by digit from the units, each line one fact, the
+    carry added on a line of its own: 23 * 7 -> ["3 * 7 = 21", "2 * 7 = 14", "14 + 2 = 16"] (then "23 * 7 = 161"
+    reads the units digits off as the columns of a sum do); 7 * 23 -> ["7 * 3 = 21", "7 * 2 = 14", "14 + 2 = 16"].
+    [] for two one-digit factors (a fact), two many-digit ones, signs (`magnitudes` first) and fractions."""
+    if a.denominator != 1 or b.denominator != 1 or min(a, b) < 0:
+        return []
+    x, y = int(a), int(b)
+    if max(x, y) < 10 or min(x, y) >= 10:
+        return []
+    big, d = (x, y) if x >= 10 else (y, x)
+    lines, carry = [], 0
+    for digit in map(int, reversed(str(big))):
+        p = digit * d
+        lines.append(f"{digit} * {d} = {p}" if big == x else f"{d} * {digit} = {p}")
+        if carry:
+            lines.append(f"{p} + {carry} = {p + carry}")
+        carry = (p + carry) // 10
     return lines
 
 
@@ -209,19 +237,30 @@ def _signed_pair(rng: random.Random) -> Tree:
     return (rng.choice("+-"), a, -b, False) if shape == 2 else (rng.choice("+-"), -a, -b, False)
 
 
+# Share of level 1 that is the times table (single-digit products). Without it the one-digit products were ~4% of
+# the SFT math (~20 sightings of each fact over the default SFT) and the student got 1 of the external yardstick's
+# 23 products and quotients right: it restated them ("8 * 7 = 54") without knowing the facts.
+TIMES_TABLE = 0.3
+
+
 def draw_tree(rng: random.Random, level: int) -> Tree:
     """An expression of the form the level calls for (see the module docstring)."""
     if level <= 1:
+        if rng.random() < TIMES_TABLE:
+            return ("*", _num(rng, 1, 2), _num(rng, 1, 2), False)
         return _nonneg_chain(rng, [_num(rng, 1), _num(rng, 1)])
     if level == 2:
         kind = rng.random()
-        if kind < 0.45:
+        if kind < 0.42:
             d = rng.choice([(2, 2), (2, 1), (1, 2), (2, 2)])
             return _nonneg_chain(rng, [_num(rng, d[0]), _num(rng, d[1], 1)])
-        if kind < 0.65:
+        if kind < 0.6:
             return _nonneg_chain(rng, [_num(rng, 1, 1) for _ in range(3)])
-        if kind < 0.8:
+        if kind < 0.72:
             return ("*", _num(rng, 1, 2), _num(rng, 1, 2), False)
+        if kind < 0.82:  # a times-table fact backwards: 56 / 7
+            b = _num(rng, 1, 2)
+            return ("/", b * _num(rng, 1, 1), b, False)
         return _signed_pair(rng)
     if level == 3:
         kind = rng.randrange(6)
@@ -303,10 +342,17 @@ MINUS = [
 TIMES = [
     "What is {a} times {b}?", "What is {a} multiplied by {b}?", "Please multiply {a} and {b}.",
     "What is the product of {a} and {b}?", "How much is {a} lots of {b}?", "{a} groups of {b} make how many?",
+    "Multiply {a} and {b} together.", "What do you get if you multiply {a} by {b}?", "{a} times {b} makes what?",
+    "Work out {a} multiplied by {b}.", "Calculate the product of {a} and {b}.", "Can you multiply {a} by {b}?",
+    "If you have {a} groups of {b}, how many is that?", "Find {a} times {b}.", "Give the product of {a} and {b}.",
 ]
 DIVIDE = [
     "What is {a} divided by {b}?", "Please divide {a} by {b}.", "Share {a} equally into {b} parts. How big is each?",
     "How many times does {b} go into {a}?", "What is {a} split into {b} equal parts?",
+    "What do you get when you divide {a} by {b}?", "{a} divided by {b} makes what?", "Can you divide {a} by {b}?",
+    "Split {a} into groups of {b}. How many groups are there?", "What is the quotient of {a} and {b}?",
+    "Work out {a} divided by {b}.", "If {a} is split into {b} equal parts, how big is each part?",
+    "How many lots of {b} are there in {a}?", "Divide {a} into {b} equal shares. How much is one share?",
 ]
 CHAIN_START = ["Begin with {a}.", "Start at {a}.", "Take the number {a}.", "Think of {a}.", "Your number is {a}."]
 CHAIN_STEP = {"+": ["add {x}", "plus {x}", "add on {x}", "increase it by {x}", "count up {x}"],
@@ -384,6 +430,8 @@ def _phrase(rng: random.Random, t: Tree) -> str:
         body = ", then ".join(said) if rng.random() < 0.5 else ". ".join(s[0].upper() + s[1:] for s in said)
         body = body[0].upper() + body[1:]
         return f"{rng.choice(CHAIN_START).format(a=first)} {body}. {rng.choice(CHAIN_END)}"
+    if ("*" in e or "/" in e) and rng.random() < 0.5:  # products and quotients as people type them too
+        e = e.replace("*", rng.choice(["x", "×"])).replace("/", "÷")
     return rng.choice(SYMBOLIC).format(e=e)
 
 
@@ -439,7 +487,31 @@ SIGNED = [  # stories whose answers can be negative
 ]
 
 
+GROUPS = [  # a * b: equal groups (one-step stories at levels 1-2; b has one digit)
+    ("{n} has {a} bags with {b} marbles in every bag. How many marbles does {n} have?", "a*b"),
+    ("A box holds {b} eggs. How many eggs are there in {a} full boxes?", "a*b"),
+    ("There are {a} tables in a room and {b} chairs around each table. How many chairs are in the room?", "a*b"),
+    ("{n} buys {a} packs of stickers. Each pack has {b} stickers. How many stickers did {n} buy?", "a*b"),
+    ("Each of {a} friends brings {b} oranges to a picnic. How many oranges are at the picnic?", "a*b"),
+    ("A bus has {a} rows with {b} seats in each row. How many seats does the bus have?", "a*b"),
+    ("{n} reads {b} pages every day for {a} days. How many pages does {n} read?", "a*b"),
+]
+SHARES = [  # (a * b) / a: sharing into equal parts, or how many groups (b has one digit)
+    ("{n} shares {c} grapes equally between {a} friends. How many grapes does each friend get?", "c/a"),
+    ("{c} pupils stand in {a} equal rows. How many pupils are in each row?", "c/a"),
+    ("{n} puts {c} stamps into {a} albums, the same number in each album. How many stamps are in each album?",
+     "c/a"),
+    ("A farmer packs {c} potatoes into sacks of {a}. How many sacks does the farmer fill?", "c/a"),
+    ("{n} has {c} dollars and each ticket costs {a} dollars. How many tickets can {n} buy?", "c/a"),
+]
+GROUPING = 0.3  # share of the one-step stories (levels 1-2) that multiply or share
+
+
 def _story_tree(shape: str, a: int, b: int, c: int) -> Tree:
+    if shape == "a*b":
+        return ("*", a, b, False)
+    if shape == "c/a":
+        return ("/", c, a, False)
     terms = {"a": a, "b": b, "c": c, "-a": -a}
     parts = shape.replace("-", " -").replace("+", " +").split()
     t: Tree = terms[parts[0]]
@@ -453,9 +525,14 @@ def story_problem(rng: random.Random, level: int) -> tuple[str, Tree]:
     4 signed stories (answers below zero); 5 two steps with up to three digits."""
     digits = {1: [1], 2: [1, 2, 2], 3: [1, 2], 4: [1, 2], 5: [2, 3]}[min(level, 5)]
     pool = SIGNED if level == 4 else [s for s in STORIES if (len(s[1]) == 3) == (level <= 2)]
+    if level <= 2 and rng.random() < GROUPING:
+        pool = GROUPS + SHARES
     text, shape = rng.choice(pool)
     a, b, c = (_num(rng, rng.choice(digits), 1) for _ in range(3))
-    if pool is not SIGNED:  # keep every count whole and non-negative along the way
+    if shape in ("a*b", "c/a"):  # b has one digit (>= 2), so the product is worked digit by digit; a quotient
+        a, b = _num(rng, rng.choice(digits) if shape == "a*b" else 1, 2), _num(rng, 1, 2)  # is a fact backwards
+        c = a * b
+    elif pool is not SIGNED:  # keep every count whole and non-negative along the way
         if shape == "a-b":
             a, b = max(a, b), min(a, b)
         elif shape in ("a+b-c", "a-c+b"):
