@@ -119,11 +119,13 @@ def columns(a: F, op: str, b: F) -> list[str]:
     see `magnitudes`; fractions, one digit, quotients), which keeps its one line.
     Why: with "48 + 37 = 85" alone a ~1M model must learn every sum of two-digit numbers as its own fact; in
     columns it needs the 100 single-digit facts, and every column drills them."""
-    if op == "*":
-        return product_columns(a, b)
-    if op not in "+-" or a.denominator != 1 or b.denominator != 1 or min(a, b) < 0 or max(a, b) < 10:
+    if a.denominator != 1 or b.denominator != 1 or min(a, b) < 0:
         return []
     x, y = int(a), int(b)
+    if op == "*":
+        return product_columns(x, y)
+    if op not in "+-" or max(x, y) < 10:
+        return []
     if op == "-" and x < y:
         return []  # a negative result: its columns are those of `magnitudes`' bigger minus smaller
     xs, ys = str(x)[::-1], str(y)[::-1]
@@ -144,14 +146,11 @@ def columns(a: F, op: str, b: F) -> list[str]:
     return lines
 
 
-def product_columns(a: F, b: F) -> list[str]:
+def product_columns(x: int, y: int) -> list[str]:
     """A many-digit whole number times a one-digit one, digit by digit from the units, each line one fact, the
     carry added on a line of its own: 23 * 7 -> ["3 * 7 = 21", "2 * 7 = 14", "14 + 2 = 16"] (then "23 * 7 = 161"
     reads the units digits off as the columns of a sum do); 7 * 23 -> ["7 * 3 = 21", "7 * 2 = 14", "14 + 2 = 16"].
-    [] for two one-digit factors (a fact), two many-digit ones, signs (`magnitudes` first) and fractions."""
-    if a.denominator != 1 or b.denominator != 1 or min(a, b) < 0:
-        return []
-    x, y = int(a), int(b)
+    [] for two one-digit factors (a fact) and two many-digit ones; `columns` passes only whole numbers >= 0."""
     if max(x, y) < 10 or min(x, y) >= 10:
         return []
     big, d = (x, y) if x >= 10 else (y, x)
