@@ -145,6 +145,26 @@ def test_signed_operations_are_first_done_on_magnitudes():
             assert abs(ar._apply(op, a, b)) == ar._apply(hop, x, y)
 
 
+def test_a_negative_second_number_is_asked_in_every_way_people_write_it_and_restated_in_brackets():
+    """ "7 + (-9)", "7 + -9" and "7 plus -9" all ask for one reply, whose first line is always "7 + (-9)"; the
+    phrasings that count or step along the number line ("count back -2 from 6") are not used for one."""
+    rng = random.Random("signs")
+    said = {}
+    for level in (2, 3, 5):
+        for _ in range(1500):
+            q, t = ar.arithmetic_problem(rng, level)
+            if "(-" in ar.expression(t):
+                said[q] = t
+    bare = [q for q in said if re.search(r"[-+] -\d", q)]
+    bracketed = [q for q in said if re.search(r"[-+] \(-\d", q)]
+    worded = [q for q in said if re.search(r"(plus|minus|and|from|by|to) -\d", q)]
+    assert len(bare) > 40 and len(bracketed) > 40 and len(worded) > 20
+    assert any(isinstance(t[1], tuple) for t in said.values())  # also inside the longer level-5 forms
+    for q, t in said.items():
+        assert ar.solution(t).splitlines()[0] == ar.expression(t) and "(-" in ar.expression(t), q
+        assert not any(w in q for w in ar.STEPPING), q
+
+
 def test_other_families_show_their_steps_too():
     p = make_problem("percent", random.Random(1), 4)  # "A shirt costs $50 ... 50% off": three operations
     assert [line for line in p.solution.splitlines() if line.count(" ") == 4] == [

@@ -41,6 +41,7 @@ cover decimals, fractions and percent), no number words, English only.
 from __future__ import annotations
 
 import random
+import re
 from fractions import Fraction as F
 from typing import Union
 
@@ -307,7 +308,7 @@ def _widen(rng: random.Random, t: Tree) -> Tree:
     if isinstance(a, int) and rng.random() < 0.6:
         a = _num(rng, rng.choice([2, 3])) * (-1 if rng.random() < 0.15 else 1)
     if isinstance(b, int) and rng.random() < 0.6:
-        b = _num(rng, rng.choice([2, 3]))
+        b = _num(rng, rng.choice([2, 3])) * (-1 if rng.random() < 0.15 else 1)
     return (op, _widen(rng, a), _widen(rng, b), p)
 
 
@@ -353,6 +354,11 @@ DIVIDE = [
     "Work out {a} divided by {b}.", "If {a} is split into {b} equal parts, how big is each part?",
     "How many lots of {b} are there in {a}?", "Divide {a} into {b} equal shares. How much is one share?",
 ]
+# Phrasings that speak of counts ("how many are left"): not for a negative operand or result; phrasings that step
+# along the number line by the second number ("count back 2 from 6"): not for a negative second number.
+COUNTING = ("left", "remain", "difference", "How many")
+STEPPING = ("Count", "Go down", "smaller", "more than")
+_BRACKETED_NEGATIVE = re.compile(r"\((-\d+)\)")
 CHAIN_START = ["Begin with {a}.", "Start at {a}.", "Take the number {a}.", "Think of {a}.", "Your number is {a}."]
 CHAIN_STEP = {"+": ["add {x}", "plus {x}", "add on {x}", "increase it by {x}", "count up {x}"],
               "-": ["subtract {x}", "minus {x}", "take away {x}", "decrease it by {x}", "count down {x}"]}
@@ -411,15 +417,17 @@ def _phrase(rng: random.Random, t: Tree) -> str:
     e = expression(t)
     choices = ["symbolic"] * 3
     binary = not isinstance(t, int) and isinstance(t[1], int) and isinstance(t[2], int)
-    if binary and t[2] >= 0:
+    if binary:
         choices += ["binary"] * 4
     if _is_chain(t) and not binary:
         choices += ["spoken", "steps", "steps"]
     kind = rng.choice(choices)
     if kind == "binary":
         pool = {"+": PLUS, "-": MINUS, "*": TIMES, "/": DIVIDE}[t[0]]
-        if value(t) < 0 or t[1] < 0:  # "how many are left" and "the difference" assume counts
-            pool = [p for p in pool if not any(w in p for w in ("left", "remain", "difference", "How many"))]
+        if value(t) < 0 or t[1] < 0 or t[2] < 0:  # "how many are left" and "the difference" assume counts
+            pool = [p for p in pool if not any(w in p for w in COUNTING)]
+        if t[2] < 0:  # and "count back -2 from 6" reads as nonsense
+            pool = [p for p in pool if not any(w in p for w in STEPPING)]
         return rng.choice(pool).format(a=t[1], b=t[2])
     if kind == "spoken":
         return rng.choice(["What is {s}?", "Work out {s}.", "How much is {s}?", "{s} makes what?"]).format(s=_spoken(t))
@@ -431,6 +439,8 @@ def _phrase(rng: random.Random, t: Tree) -> str:
         return f"{rng.choice(CHAIN_START).format(a=first)} {body}. {rng.choice(CHAIN_END)}"
     if ("*" in e or "/" in e) and rng.random() < 0.5:  # products and quotients as people type them too
         e = e.replace("*", rng.choice(["x", "×"])).replace("/", "÷")
+    if "(-" in e and rng.random() < 0.5:  # and a negative number after a sign without its brackets: 7 + -9
+        e = _BRACKETED_NEGATIVE.sub(r"\1", e)
     return rng.choice(SYMBOLIC).format(e=e)
 
 
