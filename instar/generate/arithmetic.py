@@ -30,7 +30,8 @@ the magnitudes ("9 - 4 = 5", then "4 - 9 = -5"; see `magnitudes`), so the signed
 own either. A negative right operand is written in brackets ("8 - (-5) = 13") so every step reads one way.
 The step lines restate the problem as arithmetic, so a model that learned to parse a phrasing and to add two
 numbers can answer phrasings it never saw; GRPO's reward checks only the final answer line. A product or
-quotient is also asked with "x", "×" or "÷" as people type them; its steps always read "*" and "/".
+quotient is also asked with "x", "×" or "÷" as people type them; its steps always read "*" and "/". Likewise a
+negative second number is asked as "7 + (-9)", "7 + -9" or "7 plus -9" and restated as "7 + (-9)".
 
 Phrasings are hand-written here and nowhere else; `instar/evalsets/arithmetic.jsonl` (the external yardstick)
 was written separately in other words, and `tests/test_arithmetic.py` checks that no template of this module
