@@ -4,6 +4,7 @@ import json
 import random
 import re
 from fractions import Fraction as F
+from pathlib import Path
 
 import pytest
 
@@ -165,6 +166,27 @@ def test_a_negative_second_number_is_asked_in_every_way_people_write_it_and_rest
         assert not any(w in q for w in ar.STEPPING), q
 
 
+def test_symbols_are_also_typed_without_spaces_and_restated_with_them():
+    """ "47+36", "(3+1)*3" and "7+-9" as people type them: about a sixth of the symbolic questions, each answered
+    with the same first line as its spaced twin ("47 + 36")."""
+    rng = random.Random("compact")
+    symbolic = compact = 0
+    for level in (1, 2, 3, 4, 5):
+        for _ in range(600):
+            q, t = ar.arithmetic_problem(rng, level)
+            e = ar.expression(t)
+            if not isinstance(t, tuple) or not re.search(r"\d [-+*/] [-\d(]", e):
+                continue
+            tight = re.sub(r" ([-+*/]) ", r"\1", e)
+            forms = {tight, tight.replace("*", "x"), tight.replace("*", "×").replace("/", "÷"),
+                     ar._BRACKETED_NEGATIVE.sub(r"\1", tight)}
+            if any(f in q for f in forms):
+                compact += 1
+                assert ar.solution(t).splitlines()[0].startswith(e) and " = " not in q, q
+            symbolic += any(f in q for f in forms) or e in q or ar._BRACKETED_NEGATIVE.sub(r"\1", e) in q
+    assert 0.1 < compact / symbolic < 0.25, (compact, symbolic)
+
+
 def test_other_families_show_their_steps_too():
     p = make_problem("percent", random.Random(1), 4)  # "A shirt costs $50 ... 50% off": three operations
     assert [line for line in p.solution.splitlines() if line.count(" ") == 4] == [
@@ -217,6 +239,17 @@ def test_about_a_third_of_the_questions_come_framed_in_words_no_chat_prompt_open
     assert {p for q in framed for p in ar.PREAMBLES if q.startswith(p)} == set(ar.PREAMBLES)
     words = " ".join(ar.PREAMBLES + ar.SUFFIXES).lower()
     assert not any(w in words for w in ("hello", "hi!", "thank", "good morning", "please"))
+
+
+def test_some_questions_ask_for_the_form_of_the_answer_in_words_instar_eval_does_not_use():
+    from instar.train.rewards import INSTRUCTION
+
+    rng = random.Random(2)
+    questions = [ar.arithmetic_problem(rng, level)[0] for level in (2, 3) for _ in range(1500)]
+    suffixed = [q for q in questions if q.endswith(tuple(ar.SUFFIXES + ar.FORM_REQUESTS))]
+    asked = [q for q in suffixed if q.endswith(tuple(ar.FORM_REQUESTS))]
+    assert 0.2 < len(asked) / len(suffixed) < 0.45
+    assert not any(INSTRUCTION in q for q in questions)  # the forms yardstick's "instructed" stays unseen
 
 
 def test_negative_results_never_get_counting_phrasings():
@@ -327,6 +360,34 @@ def test_the_reasoning_gym_yardstick_is_right_and_apart_from_training():
     assert {r["question"] for r in rows} <= external_questions()
     kind, records = read_records(str(evalsets.path("reasoning_gym")))
     assert kind == "math" and len(records) == 200
+
+
+def test_the_forms_yardstick_is_the_hand_written_set_written_other_ways():
+    """`forms.jsonl` is what `bench/evalset_forms.py` writes now (no stale copy), every answer recomputes, and no
+    training generator asks one of its questions."""
+    import importlib.util
+
+    from instar import evalsets
+    from instar.train.rewards import INSTRUCTION
+
+    bench = Path(__file__).resolve().parent.parent / "bench" / "evalset_forms.py"
+    spec = importlib.util.spec_from_file_location("evalset_forms", bench)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    rows = [json.loads(line) for line in evalsets.path("forms").read_text().splitlines()]
+    assert rows == script.rows()
+    counts = {f: sum(r["family"] == f for r in rows) for f in ("unspaced", "words", "instructed")}
+    assert counts == {"unspaced": 109, "words": 41, "instructed": 93}
+    for r in rows:
+        assert safe_eval(r["solution"]) == parse_number(r["answer"]), r
+        if r["family"] == "unspaced":
+            assert not re.search(r"\d [-+*/] [-\d(]", r["question"]) and re.search(r"\d[-+*/][-\d(]", r["question"])
+        if r["family"] == "words":
+            assert not re.search(r"\d", r["question"]), r
+        if r["family"] == "instructed":
+            assert r["question"].endswith(" " + INSTRUCTION)
+    assert not every_generated_question() & {r["question"] for r in rows}
+    assert {r["question"] for r in rows} <= external_questions()
 
 
 def test_the_external_score_asks_both_sets(monkeypatch):

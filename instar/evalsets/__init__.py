@@ -21,6 +21,13 @@ arithmetic problem: 4 + 3 =" forms, one-digit products, chains of 2-5 terms, thr
 beside the hand-written set (`evaluate.external_arithmetic`: the report card's "reasoning-gym arithmetic" row), and
 `instar eval RUN --data reasoning_gym` scores any model on it.
 
+    forms                            # `instar eval RUN --data forms`: the hand-written questions written other ways
+
+`forms.jsonl` rewrites questions of `arithmetic.jsonl` the other ways people write them (`bench/evalset_forms.py`,
+deterministic): the symbols without spaces ("47+36 = ?"), small numbers in words ("Subtract fourteen from
+eight."), and a request for the answer's form after the question ("... End with a last line 'Answer:
+<number>'."); `family` names the way. Only `instar eval` reads it.
+
     chat_prompts()                   # 62 hand-written chat prompts, none about arithmetic
     chat_references()                # the same prompts, each with a hand-written reference reply
     text_paragraphs()                # 36 hand-written paragraphs of everyday prose
@@ -41,7 +48,7 @@ import json
 from functools import lru_cache
 from importlib import resources
 
-EVALSETS = {"arithmetic": "arithmetic.jsonl", "reasoning_gym": "reasoning_gym.jsonl"}
+EVALSETS = {"arithmetic": "arithmetic.jsonl", "reasoning_gym": "reasoning_gym.jsonl", "forms": "forms.jsonl"}
 
 
 def path(name: str):

@@ -31,18 +31,24 @@ own either. A negative right operand is written in brackets ("8 - (-5) = 13") so
 The step lines restate the problem as arithmetic, so a model that learned to parse a phrasing and to add two
 numbers can answer phrasings it never saw; GRPO's reward checks only the final answer line. A product or
 quotient is also asked with "x", "×" or "÷" as people type them; its steps always read "*" and "/". Likewise a
-negative second number is asked as "7 + (-9)", "7 + -9" or "7 plus -9" and restated as "7 + (-9)".
+negative second number is asked as "7 + (-9)", "7 + -9" or "7 plus -9" and restated as "7 + (-9)", and a sixth
+of the symbolic questions type their symbols without spaces ("47+36", "(3+1)*3=") and are restated spaced. Some
+questions end with a request for the answer's form ("End with the answer.", `FORM_REQUESTS`): the reply is the same.
 
 Phrasings are hand-written here and nowhere else; `instar/evalsets/arithmetic.jsonl` (the external yardstick)
 was written separately in other words, and `tests/test_arithmetic.py` checks that no template of this module
 can produce one of its questions. Deliberately simple: integers only (the other families in procedural.py
-cover decimals, fractions and percent), no number words, English only.
+cover decimals, fractions and percent), no number words (a quarter of the small numbers said in words, "What
+is seven plus five?", taught the tiny student that a question without a digit can be math: drill replies to the
+hand-written chat prompts 0.34 -> 0.57, external arithmetic 0.371 -> 0.295; one SFT run each, README "Stage 4"),
+English only.
 """
 
 from __future__ import annotations
 
 import random
 import re
+import zlib
 from fractions import Fraction as F
 from typing import Union
 
@@ -367,6 +373,20 @@ CHAIN_END = ["What is the result?", "What number do you have now?", "Where do yo
              "What is the final number?"]
 
 
+# Symbols typed without spaces ("47+36", "(3+1)*3=", "7+-9"): a sixth of the symbolic questions (~5% of all),
+# picked by a checksum of the question (`_picked`), not drawn from the rng, so the problems drawn stay exactly
+# those drawn without it and a comparison differs in this only. The reply restates the question spaced, as it
+# writes "x" as "*". Without any the student answered 0.0-1.8% of the external questions typed so (README
+# "Stage 4", "Written other ways"); with a sixth or a third alike ~26%.
+_SPACED_OPERATOR = re.compile(r" ([-+*/x×÷=]) ")
+
+
+def _picked(way: str, text: str, share: int) -> int | None:
+    """A checksum of `text` for the questions (one in `share`) that get `way`, else None."""
+    crc = zlib.crc32(f"{way}:{text}".encode())
+    return crc // share if crc % share == 0 else None
+
+
 def _spoken(t: Tree) -> str:
     """'12 plus 5 minus 3' for a +/- chain."""
     if isinstance(t, int):
@@ -401,6 +421,12 @@ PREAMBLES = ["Quick one:", "Here is a question.", "Math question:", "I have a su
 SUFFIXES = ["Show your steps.", "Be careful.", "Take your time.", "I want to check my answer.", "It's for school.",
             "No rush.", "Go step by step.", "Can you do it?", "I think it is easy.", "Write the working."]
 FRAMED = 0.35
+# Requests for the reply's form, as people add them: a third of the suffixes (`_picked`). The reply is the same
+# worked steps and answer line. Without any, the student answered ~20% of the external questions with "End with
+# a last line 'Answer: <number>'." after them (~40% bare); with these ~29% (README "Stage 4").
+FORM_REQUESTS = ["Put the answer on the last line.", "End with the answer.", "Give the final answer at the end.",
+                 "Finish with a line 'Answer: <number>'.", "Write the answer last, as a number.",
+                 "The last line should be the answer."]
 
 
 def phrase(rng: random.Random, t: Tree) -> str:
@@ -411,6 +437,8 @@ def phrase(rng: random.Random, t: Tree) -> str:
     frame = rng.choice(["pre", "post", "both"])
     pre = rng.choice(PREAMBLES) + " " if frame != "post" else ""
     post = " " + rng.choice(SUFFIXES) if frame != "pre" else ""
+    if post and (k := _picked("form", text, 3)) is not None:
+        post = " " + FORM_REQUESTS[k % len(FORM_REQUESTS)]
     return f"{pre}{text.strip()}{post}"
 
 
@@ -442,7 +470,8 @@ def _phrase(rng: random.Random, t: Tree) -> str:
         e = e.replace("*", rng.choice(["x", "×"])).replace("/", "÷")
     if "(-" in e and rng.random() < 0.5:  # and a negative number after a sign without its brackets: 7 + -9
         e = _BRACKETED_NEGATIVE.sub(r"\1", e)
-    return rng.choice(SYMBOLIC).format(e=e)
+    text = rng.choice(SYMBOLIC).format(e=e)
+    return _SPACED_OPERATOR.sub(r"\1", text) if _picked("compact", text, 6) is not None else text
 
 
 def arithmetic_problem(rng: random.Random, level: int) -> tuple[str, Tree]:
