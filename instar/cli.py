@@ -172,11 +172,12 @@ def train_cmd(stage: Annotated[str, typer.Argument(help="pretrain, sft, reward, 
 
 @app.command("eval")
 def eval_cmd(checkpoint: Annotated[str, typer.Argument(help="Run directory, HF model directory or embedded-smollm2.")],
-             data: Annotated[Path, typer.Option("--data", "-d", help="JSONL file of text or messages records.")],
+             data: Annotated[Path, typer.Option("--data", "-d", help="JSONL file of text, messages or math records, or "
+                                                "a packaged yardstick: arithmetic, reasoning_gym, forms.")],
              json_: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
              batch_size: Annotated[int, typer.Option(help="Sequences per batch.")] = 8,
              max_len: Annotated[int, typer.Option(help="Tokens per sequence.")] = 512) -> None:
-    """Score a checkpoint on your own held-out JSONL file (text: loss + bits/byte; messages: assistant loss)."""
+    """Score a checkpoint on a held-out JSONL file (text: loss + bits/byte; messages: assistant loss; math: pass@1)."""
     from instar import report
     from instar.train.evaluate import evaluate_file
 

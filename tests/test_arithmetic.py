@@ -462,3 +462,14 @@ def test_report_card_shows_the_external_rows_and_the_teacher_reference(store, tm
     assert "external arithmetic: accuracy" in text and "0.0612" in text and "0.0791" in text
     assert "reference, external arithmetic: the embedded teacher" in text
     assert "reference, external arithmetic" in (tmp_path / "card.html").read_text()
+
+
+def test_eval_help_names_every_packaged_yardstick():
+    from typer.testing import CliRunner
+
+    from instar import evalsets
+    from instar.cli import app
+
+    result = CliRunner().invoke(app, ["eval", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    assert all(name in result.output for name in evalsets.EVALSETS), result.output
