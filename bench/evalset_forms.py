@@ -45,9 +45,10 @@ def in_words(question: str) -> str | None:
 
 
 def rows() -> list[dict]:
+    from instar.evalsets import arithmetic
     from instar.train.rewards import INSTRUCTION
 
-    source = [json.loads(line) for line in (SETS / "arithmetic.jsonl").read_text().splitlines() if line.strip()]
+    source = arithmetic()
     out = []
     for family, rewrite in (("unspaced", unspaced), ("words", in_words)):
         for row in source:
