@@ -173,17 +173,19 @@ def test_integrity_after_normal_use(db_path):
 
 
 def test_concurrent_first_opens_migrate_once(tmp_path):
-    # Four processes' worth of connections open the same new database at once (threads, separate connections).
+    """Four processes' worth of connections open the same new database at once (threads, separate connections),
+    on 100 new databases: SQLite refuses the switch to WAL at once ("database is locked", no busy wait) about once
+    in 150 such opens, so a single try would pass by luck."""
     from concurrent.futures import ThreadPoolExecutor
 
-    path = tmp_path / "shared.db"
-    def open_and_look(_):
+    def open_and_look(path):
         store = Store.open(path)
         return store.db["_instar_migrations"].count, [c.name for c in store.db["records"].columns]
 
     with ThreadPoolExecutor(4) as pool:
-        seen = list(pool.map(open_and_look, range(4)))
-    assert seen == [(len(MIGRATIONS), EXPECTED_COLUMNS["records"])] * 4
+        for n in range(100):
+            seen = list(pool.map(open_and_look, [tmp_path / f"shared{n}.db"] * 4))
+            assert seen == [(len(MIGRATIONS), EXPECTED_COLUMNS["records"])] * 4
 
 
 def test_a_second_writer_waits_instead_of_failing(db_path):

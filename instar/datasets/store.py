@@ -22,6 +22,7 @@ import contextlib
 import hashlib
 import json
 import os
+import sqlite3
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,7 @@ from instar.schemas.records import KINDS
 
 DEFAULT_DB = "instar.db"
 SPLITS = ("train", "val", "test")
+BUSY_TIMEOUT_S = 30
 
 
 def default_db_path() -> Path:
@@ -105,6 +107,23 @@ class AddResult:
     ids: list[str] = field(default_factory=list)
 
 
+def _until_unlocked(step) -> None:
+    """Run `step`, again while SQLite answers "database is locked" without waiting, for up to the busy timeout.
+
+    Switching a new database to WAL needs every other connection out of the way, and SQLite refuses that at once
+    rather than calling the busy handler: four processes opening one new database together saw it about once in
+    150 opens. `step` must be idempotent (the WAL switch and the migrations are).
+    """
+    deadline = time.monotonic() + BUSY_TIMEOUT_S
+    while True:
+        try:
+            return step()
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+
+
 class Store:
     def __init__(self, db: sqlite_utils.Database, path: Path | None = None):
         self.db = db
@@ -119,9 +138,8 @@ class Store:
             raise InstarError(f"database folder does not exist: {path.parent}")
         try:
             db = sqlite_utils.Database(path)
-            db.execute("PRAGMA busy_timeout = 30000")  # wait for another process's write instead of failing
-            db.enable_wal()
-            migrate(db)
+            db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_S * 1000}")  # wait for another writer, not fail
+            _until_unlocked(lambda: (db.enable_wal(), migrate(db)))
         except Exception as e:  # sqlite3.DatabaseError: file is not a database, locked, ...
             raise InstarError(f"cannot open database {path}: {e}") from None
         return cls(db, path)
