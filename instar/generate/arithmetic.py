@@ -9,7 +9,8 @@
 A problem is an expression tree — an int leaf, or (op, left, right, parenthesised) — drawn at a level, then
 said in one of many phrasings: as symbols ("What is 23 + 48 - 9?"), in words ("Take 9 away from 23."), as a
 chain of instructions ("Begin with 23. Add 48, then subtract 9."), or as a short story (of adding and taking
-away, or of equal groups and equal shares: `GROUPS`, `SHARES`). Forms by level
+away — half by a template of `STORIES`, half put together from parts by `composed_story` — or of equal groups
+and equal shares: `GROUPS`, `SHARES`). Forms by level
 (the curriculum's dial, 1 = what a ~1M-param model learns first):
 
     1  a + b or a - b, single digits, never below zero; the times table (a * b, single digits: TIMES_TABLE)
@@ -545,6 +546,68 @@ SHARES = [  # (a * b) / a: sharing into equal parts, or how many groups (b has o
 ]
 GROUPING = 0.3  # share of the one-step stories (levels 1-2) that multiply or share
 
+# Stories put together from parts (`composed_story`): half of the adding-and-taking-away stories are told this
+# way instead of by a template above, so the cue words ("more", "gives away", "left", "together") come in
+# thousands of sentence shapes, with other people and things, and the student cannot learn the stories by heart.
+MORE_NAMES = ["Hana", "Pedro", "Aisha", "Lukas", "Mei", "Yusuf", "Sofia", "Ravi", "Chloe", "Kofi", "Ines",
+              "Mateo", "Freya", "Arjun", "Leila", "Nils", "Rosa", "Tomas", "Yara", "Bruno"]
+THINGS = ["marbles", "stickers", "pencils", "stamps", "shells", "apples", "oranges", "cookies", "cards", "coins",
+          "beads", "toy cars", "buttons", "crayons", "pebbles", "feathers", "candles", "keys", "cups", "bottles",
+          "eggs", "potatoes", "carrots", "socks", "ribbons", "tickets", "photos", "comics", "sweets", "nuts",
+          "plums", "paper boats", "postcards", "seeds", "bricks"]
+PLACES = ["box", "jar", "basket", "bag", "drawer", "bowl", "backpack", "tin"]
+# (present, past) of each part; {n} is the story's person, {m} another, {x} the number, {t} the things.
+START = [("{n} has {x} {t}", "{n} had {x} {t}"), ("{n} starts with {x} {t}", "{n} started with {x} {t}"),
+         ("{n} keeps {x} {t} in a {p}", "{n} kept {x} {t} in a {p}"), ("{n} owns {x} {t}", "{n} owned {x} {t}"),
+         ("there are {x} {t} in {n}'s {p}", "there were {x} {t} in {n}'s {p}")]
+GAIN = [("{n} finds {x} more", "{n} found {x} more"), ("{n} buys {x} more", "{n} bought {x} more"),
+        ("{n} gets {x} more from {m}", "{n} got {x} more from {m}"),
+        ("{m} gives {n} {x} more", "{m} gave {n} {x} more"), ("{n} wins {x} more", "{n} won {x} more"),
+        ("{n} collects another {x}", "{n} collected another {x}"), ("{n} is given {x} more", "{n} was given {x} more"),
+        ("{n} adds {x} more", "{n} added {x} more")]
+LOSS = [("{n} loses {x}", "{n} lost {x}"), ("{n} gives {x} to {m}", "{n} gave {x} to {m}"),
+        ("{n} gives away {x}", "{n} gave away {x}"), ("{n} sells {x}", "{n} sold {x}"),
+        ("{n} uses {x}", "{n} used {x}"), ("{n} trades {x} to {m}", "{n} traded {x} to {m}"),
+        ("{x} of them get lost", "{x} of them got lost"), ("{m} takes {x} of them", "{m} took {x} of them")]
+ASK = ["How many {t} does {n} have now?", "How many {t} does {n} end up with?", "How many {t} does {n} have in "
+       "the end?", "How many {t} are there now?", "What is the number of {t} {n} has now?", "How many does {n} have "
+       "now?"]
+ASK_LEFT = ["How many {t} does {n} have left?", "How many {t} are left?", "How many {t} remain?"]
+PAIRS = {  # two people: the shape's numbers in order, then the question
+    "a+b": ["{n} has {a} {t} and {m} has {b}. How many {t} do they have together?",
+            "{n} has {a} {t}. {m} has {b} more than {n}. How many {t} does {m} have?",
+            "{n} and {m} collect {t}. {n} has {a} and {m} has {b}. How many do they have in all?"],
+    "a-b": ["{n} has {a} {t} and {m} has {b}. How many more {t} does {n} have than {m}?",
+            "{n} has {a} {t}. {m} has {b} fewer than {n}. How many {t} does {m} have?",
+            "{n} has {a} {t}, which is {b} more than {m}. How many {t} does {m} have?"],
+    "a+b+c": ["{n} has {a} {t}, {m} has {b} and {k} has {c}. How many {t} do the three have together?"],
+}
+
+
+def composed_story(rng: random.Random, shape: str, a: int, b: int, c: int) -> str:
+    """The +/- story `shape` with the numbers a, b, c, told from parts: a start, a gain or a loss per further
+    term (in the shape's order), and a question; or, for some shapes, two or three people compared or counted
+    together. Present or past tense throughout; the sentences apart or joined with "then"."""
+    n, m, k = rng.sample(NAMES + MORE_NAMES, 3)
+    fill = {"n": n, "m": m, "k": k, "t": rng.choice(THINGS), "p": rng.choice(PLACES), "a": a, "b": b, "c": c}
+    if shape in PAIRS and rng.random() < 0.4:
+        return rng.choice(PAIRS[shape]).format(**fill)
+    past = rng.random() < 0.5
+    numbers = {"a": a, "b": b, "c": c}
+    terms = shape.replace("-", " -").replace("+", " +").split()
+    parts = [rng.choice(START)[past].format(**fill, x=numbers[terms[0]])]
+    for term in terms[1:]:
+        pool = GAIN if term[0] == "+" else LOSS
+        parts.append(rng.choice(pool)[past].format(**fill, x=numbers[term[1:]]))
+    ask = rng.choice(ASK_LEFT if terms[-1][0] == "-" and rng.random() < 0.5 else ASK).format(**fill)
+    if parts[0].startswith(n) and rng.random() < 0.5:  # "Mei had 12 shells, found 5 more, then lost 4."
+        # the name is left out where the sentence before was about the same person
+        rest = [p.removeprefix(n + " ") if q.startswith(n) else p for q, p in zip(parts, parts[1:])]
+        story = ", ".join([parts[0], *rest[:-1]]) + ", then " + rest[-1] + "."
+    else:
+        story = ". ".join(parts) + "."
+    return f"{story[0].upper()}{story[1:]} {ask}"
+
 
 def _story_tree(shape: str, a: int, b: int, c: int) -> Tree:
     if shape == "a*b":
@@ -579,4 +642,8 @@ def story_problem(rng: random.Random, level: int) -> tuple[str, Tree]:
         elif shape == "a-b-c":
             a = a + b + c
     name = rng.choice(NAMES)
-    return text.format(n=name, a=a, b=b, c=c), _story_tree(shape, a, b, c)
+    question = text.format(n=name, a=a, b=b, c=c)
+    told = None if pool is SIGNED or shape in ("a*b", "c/a") else _picked("compose", question, 2)
+    if told is not None:  # a checksum, not the rng: the problems drawn stay the same either way
+        question = composed_story(random.Random(told), shape, a, b, c)
+    return question, _story_tree(shape, a, b, c)

@@ -27,12 +27,13 @@ from instar.generate.procedural import make_problems
 # the hand-written chat prompts 0.40/0.58 vs 0.61/0.76 (fewer "What is 3 + 4?"-like questions to mistake short
 # chat prompts for), answer-line rate 0.97/0.94 vs 0.98/0.90.
 LEVEL_WEIGHTS = {1: 0.25, 2: 0.3, 3: 0.2, 4: 0.17, 5: 0.08}
-TEMPLATE = "math-sft-v8"  # provenance tag: v1 = one phrasing per family, answer without steps; v2 = steps
+TEMPLATE = "math-sft-v9"  # provenance tag: v1 = one phrasing per family, answer without steps; v2 = steps
 # without the question restated in symbols first; v3 = signed steps without the magnitudes line first; v4 = no
 # question framed in a preamble or suffix (arithmetic.FRAMED); v5 = no times table at level 1, products on one line,
 # no grouping or sharing stories; v6 = a negative second number always in brackets in the question ("7 + (-9)"),
 # never said in words ("7 plus -9"), never negative in the level-5 widened forms; v7 = symbols always typed with
-# spaces ("47 + 36", never "47+36"), no request for the answer's form after a question ("End with the answer.")
+# spaces ("47 + 36", never "47+36"), no request for the answer's form after a question ("End with the answer.");
+# v8 = every adding-and-taking-away story told by a template of arithmetic.STORIES (none `composed_story`)
 
 
 def math_sft_records(count: int, seed: int, families: list[str], instruction: str = "",
