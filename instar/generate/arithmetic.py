@@ -593,12 +593,11 @@ def composed_story(rng: random.Random, shape: str, a: int, b: int, c: int) -> st
     if shape in PAIRS and rng.random() < 0.4:
         return rng.choice(PAIRS[shape]).format(**fill)
     past = rng.random() < 0.5
-    numbers = {"a": a, "b": b, "c": c}
     terms = shape.replace("-", " -").replace("+", " +").split()
-    parts = [rng.choice(START)[past].format(**fill, x=numbers[terms[0]])]
+    parts = [rng.choice(START)[past].format(**fill, x=fill[terms[0]])]
     for term in terms[1:]:
         pool = GAIN if term[0] == "+" else LOSS
-        parts.append(rng.choice(pool)[past].format(**fill, x=numbers[term[1:]]))
+        parts.append(rng.choice(pool)[past].format(**fill, x=fill[term[1:]]))
     ask = rng.choice(ASK_LEFT if terms[-1][0] == "-" and rng.random() < 0.5 else ASK).format(**fill)
     if parts[0].startswith(n) and rng.random() < 0.5:  # "Mei had 12 shells, found 5 more, then lost 4."
         # the name is left out where the sentence before was about the same person
