@@ -176,12 +176,16 @@ def eval_cmd(checkpoint: Annotated[str, typer.Argument(help="Run directory, HF m
                                                 "a packaged yardstick: arithmetic, reasoning_gym, forms.")],
              json_: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
              batch_size: Annotated[int, typer.Option(help="Sequences per batch.")] = 8,
-             max_len: Annotated[int, typer.Option(help="Tokens per sequence.")] = 512) -> None:
+             max_len: Annotated[int, typer.Option(help="Tokens per sequence.")] = 512,
+             samples: Annotated[int, typer.Option(help="Math: also K sampled replies per question: pass@K, "
+                                                  "majority@K, sample accuracy (0 = greedy only).")] = 0,
+             temperature: Annotated[float, typer.Option(help="Sampling temperature for --samples.")] = 0.7) -> None:
     """Score a checkpoint on a held-out JSONL file (text: loss + bits/byte; messages: assistant loss; math: pass@1)."""
     from instar import report
     from instar.train.evaluate import evaluate_file
 
-    report.render_eval(evaluate_file(checkpoint, data, batch_size=batch_size, max_len=max_len), as_json=json_)
+    report.render_eval(evaluate_file(checkpoint, data, batch_size=batch_size, max_len=max_len, samples=samples,
+                                     temperature=temperature), as_json=json_)
 
 
 # -- report, export, chat -----------------------------------------------------------------------------

@@ -416,6 +416,21 @@ def test_eval_cli_scores_math_records_with_the_reward_functions(arith_world, tmp
         cli.main()
     assert exit_.value.code == 0 and "accuracy" in capsys.readouterr().out
 
+    sampled = []  # --samples: each question sampled K times, the same draws on a second call
+    for _ in range(2):
+        monkeypatch.setattr(sys, "argv", ["instar", "eval", str(sft), "--data", str(data), "--json", "--samples", "3",
+                                          "--temperature", "1.0"])
+        with pytest.raises(SystemExit) as exit_:
+            cli.main()
+        assert exit_.value.code == 0
+        sampled.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
+    got = sampled[0]
+    assert got == sampled[1] and got["samples"] == 3 and got["accuracy"] == result["accuracy"]
+    right = [g["samples_right"] for g in got["answers"]]
+    assert all(0 <= n <= 3 for n in right)
+    assert got["pass_at_k"] == sum(n > 0 for n in right) / 2 and got["sample_accuracy"] == sum(right) / 6
+    assert got["majority_at_k"] <= got["pass_at_k"]
+
 
 def test_lora_policy_uses_its_disabled_adapter_as_reference(arith_world, tmp_path):
     from instar.datasets import runs

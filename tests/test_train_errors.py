@@ -90,6 +90,52 @@ def test_a_key_the_stage_cannot_honour_is_an_error(stage, key):
         load_stage_config(stage, None, [key])
 
 
+def test_sampled_eval_counts_pass_at_k_majority_and_samples(tmp_path, monkeypatch):
+    """`instar eval --samples K`: what each question's K samples answered, counted three ways. The replies are
+    fixed here (generation stubbed) so that every count is known; the real model's path is in test_grpo."""
+    import torch
+
+    from instar.train import evaluate
+    from instar.train.sampling import Completions
+    from train_fixtures import tiny_tokenizer
+
+    replies = {"What is 2 + 3?": ["Answer: 5", "Answer: 6", "Answer: 6", "no answer"],    # right once, vote 6
+               "What is 4 + 4?": ["Answer: 8", "Answer: 9", "Answer: 8", "Answer: 8"],    # right 3x, vote 8
+               "What is 1 + 1?": ["Answer: 3", "Answer: 3", "Answer: 4", "Answer: 1"]}    # never right
+    seen = []
+
+    def fake_generate(model, tok, prompts, max_new_tokens, temperature, seed=None):
+        texts = [t for q in replies if any(tok.decode(p).count(q) for p in prompts[:1]) for t in replies[q]]
+        seen.append((len(prompts), temperature, seed))
+        n = len(texts)
+        return Completions(texts, torch.zeros(n, 1), torch.ones(n, 1), torch.zeros(n, 1, dtype=torch.long),
+                           torch.ones(n, 1))
+
+    monkeypatch.setattr(evaluate, "generate", fake_generate)
+    monkeypatch.setattr(evaluate, "stopped", lambda gen, tok: torch.ones(len(gen.texts), dtype=torch.bool))
+    records = [{"question": q, "answer": a} for q, a in zip(replies, ["5", "8", "2"])]
+    got, right = evaluate.sample_math(None, tiny_tokenizer(), records, k=4, temperature=0.9, batch_size=4, seed=7)
+    assert right == [1, 3, 0]
+    assert got == {"pass_at_k": 2 / 3, "majority_at_k": 1 / 3, "sample_accuracy": 4 / 12}
+    assert seen == [(4, 0.9, 7), (4, 0.9, 8), (4, 0.9, 9)]  # one question per batch of 4; a seed per batch
+
+
+def test_sampled_eval_refuses_what_it_cannot_sample(tmp_path, monkeypatch, capsys):
+    from instar.train.models import save_model
+    from train_fixtures import tiny_model, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    save_model(tiny_model(tok), tok, tmp_path / "m")
+    text, math = tmp_path / "t.jsonl", tmp_path / "m.jsonl"
+    text.write_text(json.dumps({"text": "the cat"}) + "\n")
+    math.write_text(json.dumps({"question": "What is 2 + 3?", "answer": "5"}) + "\n")
+    for data, extra, says in [(text, [], "scores math records"), (math, ["--temperature", "0"], "temperature above 0"),
+                              (math, ["--samples", "-1", "--temperature", "1"], "must be >= 0")]:
+        args = ["--samples", "2"] + extra if "--samples" not in extra else extra
+        code, err = cli(monkeypatch, capsys, "eval", str(tmp_path / "m"), "--data", str(data), *args)
+        assert code == 1 and says in err and "Traceback" not in err
+
+
 def test_eval_reads_the_shapes_data_import_reads(tmp_path):
     """Bug 7: `instar eval` had its own JSONL reader, which refused {"prompt", "answer"} and Alpaca lines."""
     from instar.train.evaluate import evaluate_file

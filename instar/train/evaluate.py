@@ -4,6 +4,7 @@
     score_conversations(model, examples, pad_id, batch_size)  (ids, mask) pairs -> {"loss", "tokens"} on assistant tokens
                                                            (with tbytes=token_bytes(tok), also "bpb")
     evaluate_math(model, tok, records)                     greedy pass@1 with GRPO's reward functions
+    sample_math(model, tok, records, k=8)                  k samples each: pass@k, majority@k, sample accuracy
     evaluate_file("runs/sft", "val.jsonl") -> {"kind": "messages", "n": 120, "loss": 2.1, "tokens": 9120}
     evaluate_file("runs/instar/grpo", "arithmetic")  -> the packaged external arithmetic set, asked the run's way
     external_arithmetic(model, tok, instruction="")  -> {"ext_math_acc", "ext_math_format", "ext_math_steps", "ext_rg_acc"}
@@ -28,7 +29,7 @@ from typing import Callable
 import torch
 
 from instar.errors import InstarError
-from instar.train.rewards import INSTRUCTION, math_prompt, score, step_accuracy
+from instar.train.rewards import INSTRUCTION, extract_answer, math_prompt, score, step_accuracy
 from instar.train.sampling import generate, stopped
 from instar.train.tokens import collate, label_count, pack_documents, render_chat, token_bytes, token_logprobs
 
@@ -112,6 +113,40 @@ def evaluate_math(model, tok, records: list[dict], max_new_tokens: int = 48, ins
     return {**out, "answers": given} if answers else out
 
 
+@torch.no_grad()
+def sample_math(model, tok, records: list[dict], k: int, temperature: float = 0.7, max_new_tokens: int = 48,
+                instruction: str = INSTRUCTION, batch_size: int = 64, seed: int = 0) -> tuple[dict, list[int]]:
+    """`k` sampled completions per math record, scored with the training reward functions: ({"pass_at_k": some
+    sample right, "majority_at_k": the most given answer right (self-consistency; ties go to the answer given
+    first), "sample_accuracy": the share of samples right}, right samples per record). What reinforcement
+    learning can reach from a model: GRPO learns from groups like these, so a problem no sample gets right carries
+    it no signal, and greedy pass@1 far below pass@k is room it may take. Reproducible: batch i samples with seed
+    `seed + i`."""
+    per_prompt = max(1, batch_size // k)
+    right, any_right, voted = [], 0, 0
+    for i in range(0, len(records), per_prompt):
+        rows = records[i:i + per_prompt]
+        prompts = [render_chat(tok, math_prompt(r["question"], instruction), add_generation_prompt=True)[0]
+                   for r in rows]
+        gen = generate(model, tok, [p for p in prompts for _ in range(k)], max_new_tokens, temperature,
+                       seed=seed + i)
+        ended = stopped(gen, tok).tolist()
+        for j, row in enumerate(rows):
+            texts = [t for t, ok in zip(gen.texts[j * k:(j + 1) * k], ended[j * k:(j + 1) * k]) if ok]
+            correct = score(texts, row)[1] if texts else []
+            votes: dict[str, int] = {}
+            for text in texts:
+                if (answer := extract_answer(text)) is not None:
+                    votes[answer] = votes.get(answer, 0) + 1
+            top = max(votes, key=votes.get) if votes else None
+            right.append(sum(correct))
+            any_right += any(correct)
+            voted += any(ok and extract_answer(t) == top for t, ok in zip(texts, correct))
+    n = max(len(records), 1)
+    return ({"pass_at_k": any_right / n, "majority_at_k": voted / n, "sample_accuracy": sum(right) / (n * k)},
+            right)
+
+
 # --- per-kind dispatch -----------------------------------------------------------------------------------
 # A reply's token budget for math questions (report card rows and `instar eval`): the worked steps of a 5-term chain
 # of two-digit numbers with negative partial results run to ~225 tokens before the answer line (the tiny student,
@@ -124,6 +159,8 @@ class EvalOptions:
     batch_size: int = 8
     max_len: int = 512
     instruction: str = ""  # math: the prompt form (`math_prompt_form`)
+    samples: int = 0  # math: also `samples` sampled completions per question (`sample_math`)
+    temperature: float = 0.7  # ... at this temperature (the default run's GRPO rollouts')
 
 
 def eval_text(model, tok, records: list[dict], opts: EvalOptions) -> dict:
@@ -141,9 +178,18 @@ def eval_messages(model, tok, records: list[dict], opts: EvalOptions) -> dict:
 def eval_math(model, tok, records: list[dict], opts: EvalOptions) -> dict:
     """Greedy pass@1 with GRPO's own reward functions, asked in the model's own prompt form; the answers it
     gave and the accuracy of each form (`family`) come back too."""
-    out = evaluate_math(model, tok, records, max_new_tokens=min(opts.max_len, EXTERNAL_MATH_TOKENS),
-                        instruction=opts.instruction, batch_size=opts.batch_size, answers=True)
-    return {"prompt_form": opts.instruction or "bare question", **out, "by_family": by_family(records, out["answers"])}
+    tokens = min(opts.max_len, EXTERNAL_MATH_TOKENS)
+    out = evaluate_math(model, tok, records, max_new_tokens=tokens, instruction=opts.instruction,
+                        batch_size=opts.batch_size, answers=True)
+    out = {"prompt_form": opts.instruction or "bare question", **out, "by_family": by_family(records, out["answers"])}
+    if opts.samples > 0:
+        sampled, right = sample_math(model, tok, records, opts.samples, opts.temperature, tokens, opts.instruction,
+                                     max(opts.batch_size, opts.samples))
+        for given, n in zip(out["answers"], right):
+            given["samples_right"] = n
+        out = {**out, "samples": opts.samples, "temperature": opts.temperature, **sampled,
+               "pass_at_k_by_family": by_family(records, [{"correct": n > 0} for n in right])}
+    return out
 
 
 def by_family(records: list[dict], answers: list[dict]) -> dict[str, float]:
@@ -194,8 +240,9 @@ EVALUATORS: dict[str, Callable] = {"text": eval_text, "messages": eval_messages,
 
 
 def evaluate_file(checkpoint: str | Path, data: str | Path, kind: str | None = None, batch_size: int = 8,
-                  max_len: int = 512, device: str = "auto") -> dict:
-    """Score a model (run dir, HF dir or embedded-smollm2) on a JSONL file: {"kind", "n", metrics...}."""
+                  max_len: int = 512, device: str = "auto", samples: int = 0, temperature: float = 0.7) -> dict:
+    """Score a model (run dir, HF dir or embedded-smollm2) on a JSONL file: {"kind", "n", metrics...}; math
+    records also with `samples` sampled completions each at `temperature` (0: greedy only)."""
     from instar.datasets.jsonl import read_records
     from instar.train.config import TrainConfig
     from instar.train.models import load_model, resolve_device, use_bf16
@@ -207,11 +254,17 @@ def evaluate_file(checkpoint: str | Path, data: str | Path, kind: str | None = N
     kind, records = read_records(data, kind)
     if kind not in EVALUATORS:
         raise InstarError(f"no evaluator for {kind!r} records (have: {', '.join(EVALUATORS)})")
+    if samples and kind != "math":
+        raise InstarError(f"--samples scores math records; {data} holds {kind!r} records")
+    if samples < 0 or (samples and temperature <= 0):
+        raise InstarError(f"--samples {samples} at --temperature {temperature}: samples must be >= 0 and the "
+                          "temperature above 0 (temperature 0 would sample the greedy answer k times)")
     cfg = TrainConfig(device=device)
     dev = resolve_device(cfg)
     model, tok = load_model(checkpoint, dev)
     model.eval()
     with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16(cfg, dev)):
-        opts = EvalOptions(batch_size, max_len, math_prompt_form(checkpoint) if kind == "math" else "")
+        opts = EvalOptions(batch_size, max_len, math_prompt_form(checkpoint) if kind == "math" else "", samples,
+                           temperature)
         metrics = EVALUATORS[kind](model, tok, records, opts)
     return {"kind": kind, "n": len(records), **metrics}
