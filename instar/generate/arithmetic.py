@@ -41,7 +41,7 @@ was written separately in other words, and `tests/test_arithmetic.py` checks tha
 can produce one of its questions. Deliberately simple: integers only (the other families in procedural.py
 cover decimals, fractions and percent), no number words (a quarter of the small numbers said in words, "What
 is seven plus five?", taught the tiny student that a question without a digit can be math: drill replies to the
-hand-written chat prompts 0.34 -> 0.57, external arithmetic 0.371 -> 0.295; one SFT run each, README "Stage 4"),
+hand-written chat prompts 0.34 -> 0.57, external arithmetic 0.371 -> 0.295; one SFT run each, docs/measurements.md "Stage 4"),
 English only.
 """
 
@@ -178,7 +178,7 @@ def solution(t: Tree) -> str:
 
     With more than one step the reply first restates the question in symbols ("65 + 87", "(7 + 5) - 3"): the
     words are read once, and every column and step below reads digits from that line instead of finding them
-    in a sentence it has never seen. Measured (tiny preset, 900 SFT steps, README "Stage 4"): external two-digit
+    in a sentence it has never seen. Measured (tiny preset, 900 SFT steps, docs/measurements.md "Stage 4"): external two-digit
     problems 0.02 -> 0.30, the whole external set 6.1% -> 10.1%."""
     lines, z = _steps(t)
     if len(lines) > 1:
@@ -424,7 +424,7 @@ SUFFIXES = ["Show your steps.", "Be careful.", "Take your time.", "I want to che
 FRAMED = 0.35
 # Requests for the reply's form, as people add them: a third of the suffixes (`_picked`). The reply is the same
 # worked steps and answer line. Without any, the student answered ~20% of the external questions with "End with
-# a last line 'Answer: <number>'." after them (~40% bare); with these ~29% (README "Stage 4").
+# a last line 'Answer: <number>'." after them (~40% bare); with these ~29% (docs/measurements.md "Stage 4").
 FORM_REQUESTS = ["Put the answer on the last line.", "End with the answer.", "Give the final answer at the end.",
                  "Finish with a line 'Answer: <number>'.", "Write the answer last, as a number.",
                  "The last line should be the answer."]

@@ -20,7 +20,7 @@ from __future__ import annotations
 from instar.generate.procedural import make_problems
 
 # Share of problems per level. Levels 1-2 carry the single-digit facts every other form (and every column) is
-# built from. Measured on the tiny preset, 900 SFT steps (README "Stage 4"): .2/.3/.25/.15/.1 without columns ->
+# built from. Measured on the tiny preset, 900 SFT steps (docs/measurements.md "Stage 4"): .2/.3/.25/.15/.1 without columns ->
 # level-1 pass@1 0.39, external 2.5%; .4/.35/.12/.08/.05 with columns -> level 1 0.52 by step 500, external 6.1%
 # at 900. With magnitudes and signed level 2 (v4), the same data, pretrain and 2 seeds each, quiet Zen 3: these
 # weights vs .4/.35/.12/.08/.05 -> external 0.191/0.140 vs 0.169/0.122 (+2 points in both seeds), drill replies to

@@ -15,7 +15,7 @@ One formulation, the one of Ouyang et al. 2022 / Stiennon et al. 2020 as TRL's P
 Every log-prob that feeds a ratio or the KL is taken from logits divided by the sampling temperature, the
 distribution the tokens were actually drawn from. Padding and EOS as in SFT: the response mask covers the
 response and its `<|im_end|>`, never the prompt or padding (labels -100).
-Guards against gaming the reward model, the field's standard ones (which one mattered: README "Stage 3"):
+Guards against gaming the reward model, the field's standard ones (which one mattered: docs/measurements.md "Stage 3"):
   * the adaptive KL controller of Ziegler et al. 2019 (`kl_target`): kl_coef follows the KL per response;
   * `no_eos_penalty`: a response cut at `max_new_tokens` without its stop token loses this much score;
   * `length_coef`: a length-aware score, minus length_coef * |log(length / the starting policy's length)|
