@@ -240,3 +240,30 @@ def test_short_rows_under_cpu_bf16_get_the_math_attention_kernel_with_the_same_l
         with torch.no_grad(), autocast(cpu, True, length):
             losses.append(float(model(input_ids=ids, labels=ids).loss))
     assert abs(losses[0] - losses[1]) < 2e-2 * abs(losses[0]), losses
+
+
+def test_auto_precision_keeps_narrow_models_in_fp32_on_a_cpu(tok, monkeypatch):
+    """dtype = "auto" on a CPU with bf16 units: bf16 autocast for a model at least BF16_MIN_WIDTH wide, fp32 for a
+    narrower one (the tiny preset: the casts cost more than the matmuls gain), found inside any wrapper; "bf16" and
+    "fp32" are obeyed whatever the width; a CPU without bf16 units never gets it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from instar.train import models
+    from instar.train.models import BF16_MIN_WIDTH, model_width, use_bf16
+
+    cpu = torch.device("cpu")
+    narrow = tiny_model(tok)
+    wide = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=BF16_MIN_WIDTH, intermediate_size=64,
+                                        num_hidden_layers=1, num_attention_heads=4))
+    lora = wrap_lora(tiny_model(tok), TrainConfig(lora=True, lora_r=2))
+    wrapped = torch.nn.ModuleDict({"lm": lora, "head": torch.nn.Linear(2, 1)})  # as PPO's policy with a value head
+    assert model_width(narrow) < BF16_MIN_WIDTH and model_width(wrapped) == model_width(narrow)
+    assert model_width(wide) == BF16_MIN_WIDTH and model_width(torch.nn.Linear(2, 2)) is None
+    monkeypatch.setattr(models, "cpu_has_bf16", lambda: True)
+    auto, forced, off = TrainConfig(dtype="auto"), TrainConfig(dtype="bf16"), TrainConfig(dtype="fp32")
+    assert [use_bf16(auto, cpu, m) for m in (narrow, wrapped, wide, None)] == [False, False, True, True]
+    assert use_bf16(forced, cpu, narrow) and not use_bf16(off, cpu, wide)
+    monkeypatch.setattr(models, "cpu_has_bf16", lambda: False)
+    assert not use_bf16(auto, cpu, wide)
+    with pytest.raises(InstarError, match="not supported"):
+        use_bf16(forced, cpu, wide)

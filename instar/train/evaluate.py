@@ -263,7 +263,7 @@ def evaluate_file(checkpoint: str | Path, data: str | Path, kind: str | None = N
     dev = resolve_device(cfg)
     model, tok = load_model(checkpoint, dev)
     model.eval()
-    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16(cfg, dev)):
+    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16(cfg, dev, model)):
         opts = EvalOptions(batch_size, max_len, math_prompt_form(checkpoint) if kind == "math" else "", samples,
                            temperature)
         metrics = EVALUATORS[kind](model, tok, records, opts)

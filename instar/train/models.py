@@ -8,7 +8,8 @@
     wrap_lora(model, cfg) / merge_lora(model)           peft LoRA on every linear layer of the blocks; merge back
     save_model(model, tokenizer, path)                  final HF directory (LoRA merged, chat template, atomic)
     resolve_device(cfg) -> torch.device                 "auto": cuda (cuda:LOCAL_RANK under torchrun), mps, cpu
-    use_bf16(cfg, device) -> bool                       bf16 autocast when asked/auto and the hardware supports it
+    use_bf16(cfg, device, model) -> bool                bf16 autocast when asked, or auto and the hardware supports
+                                                        it (on a CPU: only for models at least BF16_MIN_WIDTH wide)
 
 Models load in fp32 and train under bf16 autocast where supported (pure-bf16 weights were no faster and drifted
 on this CPU). Simplification: the presets are Llama-shaped only; any transformers causal LM loads from a directory
@@ -49,20 +50,44 @@ def resolve_device(cfg: TrainConfig) -> torch.device:
     return torch.device("cpu")
 
 
-def use_bf16(cfg: TrainConfig, device: torch.device) -> bool:
+# On a CPU, bf16 autocast pays for its casts only where the matrices are wide: the `small` preset (320 wide) trained
+# 2.0x faster under it, the `tiny` one (128) ~12% slower in SFT steps and ~10-25% slower in GRPO steps (AMD EPYC Zen 4
+# with AVX512_BF16, 2 cores: docs/measured-facts.md). fp32 also rounds the same whatever the thread count and the
+# CPU (bf16 runs of the default pipeline ended ~6 points apart on 1 and 2 threads), so the default run's numbers
+# hold on every machine. dtype = "bf16" still forces it.
+BF16_MIN_WIDTH = 256
+
+
+def model_width(model) -> int | None:
+    """The hidden size of the transformers model inside `model` (a wrapper, a LoRA model, a policy with a value
+    head...), or None."""
+    return next((m.config.hidden_size for m in model.modules()
+                 if isinstance(getattr(getattr(m, "config", None), "hidden_size", None), int)), None)
+
+
+def cpu_has_bf16() -> bool:
+    """oneDNN's bf16 kernels run on this CPU (AVX512_BF16 or AMX)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def use_bf16(cfg: TrainConfig, device: torch.device, model=None) -> bool:
     """bf16 autocast: ~2.3x the fp32 matmul rate on AVX512-BF16 CPUs (docs/measured-facts.md), native on GPUs.
-    Not on MPS, where autocast's bf16 coverage is partial: fp32 there."""
+    Not on MPS, where autocast's bf16 coverage is partial: fp32 there. With dtype = "auto" on a CPU, not for a
+    `model` narrower than BF16_MIN_WIDTH (the tiny preset), where the casts cost more than the matmuls gain."""
     if cfg.dtype == "fp32":
+        return False
+    if cfg.dtype == "auto" and device.type == "cpu" and model is not None \
+            and (model_width(model) or BF16_MIN_WIDTH) < BF16_MIN_WIDTH:
         return False
     if device.type == "cuda":
         ok = torch.cuda.is_bf16_supported()
     elif device.type == "mps":
         ok = False
     else:
-        try:
-            ok = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        except (AttributeError, RuntimeError):
-            ok = False
+        ok = cpu_has_bf16()
     if cfg.dtype == "bf16" and not ok:
         raise InstarError(f"dtype = 'bf16' is not supported on this {device.type}; use dtype = 'auto' or 'fp32'")
     return ok

@@ -90,7 +90,9 @@ class Session:
             torch.distributed.barrier()
 
     def place(self, model):
+        """The model on the session's device (compiled when cfg.compile); its width settles bf16 (`use_bf16`)."""
         model = model.to(self.device)
+        self.bf16 = use_bf16(self.cfg, self.device, model)
         return torch.compile(model) if self.cfg.compile else model
 
     # --- the store -------------------------------------------------------------------------------------------------
