@@ -52,9 +52,8 @@ def resolve_device(cfg: TrainConfig) -> torch.device:
 
 # On a CPU, bf16 autocast pays for its casts only where the matrices are wide: the `small` preset (320 wide) trained
 # 2.0x faster under it, the `tiny` one (128) ~12% slower in SFT steps and ~10-25% slower in GRPO steps (AMD EPYC Zen 4
-# with AVX512_BF16, 2 cores: docs/measured-facts.md). fp32 also rounds the same whatever the thread count and the
-# CPU (bf16 runs of the default pipeline ended ~6 points apart on 1 and 2 threads), so the default run's numbers
-# hold on every machine. dtype = "bf16" still forces it.
+# with AVX512_BF16, 2 cores: docs/measured-facts.md). fp32 also gave the same numbers at 1 and 2 threads where bf16
+# runs of the default pipeline ended ~6 points apart. dtype = "bf16" still forces it.
 BF16_MIN_WIDTH = 256
 
 
