@@ -60,14 +60,13 @@ def main() -> None:
         from bench_grpo import FAMILIES, build_world
 
         from instar.generate.procedural import make_problems
-        from instar.train.grpo import math_prompt
+        from instar.train.evaluate import math_prompt_ids
         from instar.train.models import load_model
 
         _, sft, _ = build_world(Path(tempfile.mkdtemp()))
         model, tok = load_model(sft)
         rows = make_problems(8, seed=5, families=FAMILIES, difficulty=1)
-        prompts = [render_chat(tok, math_prompt(r["question"], ""), add_generation_prompt=True)[0]
-                   for r in rows for _ in range(8)]
+        prompts = [p for p in math_prompt_ids(tok, rows, "") for _ in range(8)]
     else:
         texts = [f"question {i}: what is {i} plus {i + 3}? the cat sees a red ball" for i in range(40)]
         tok = train_tokenizer(texts * 5, vocab_size=1024)

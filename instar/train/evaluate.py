@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -90,6 +91,11 @@ def render_examples(tok, conversations: list[list[dict]], max_len: int) -> list[
     return out
 
 
+def math_prompt_ids(tok, records: list[dict], instruction: str) -> list[list[int]]:
+    """The chat-rendered prompt of each math record's question (+ `instruction`), ready for `generate`."""
+    return [render_chat(tok, math_prompt(r["question"], instruction), add_generation_prompt=True)[0] for r in records]
+
+
 @torch.no_grad()
 def evaluate_math(model, tok, records: list[dict], max_new_tokens: int = 48, instruction: str = INSTRUCTION,
                   batch_size: int = 64, answers: bool = False) -> dict:
@@ -99,9 +105,7 @@ def evaluate_math(model, tok, records: list[dict], max_new_tokens: int = 48, ins
     rewards, correct, given = [], [], []
     for i in range(0, len(records), batch_size):
         rows = records[i:i + batch_size]
-        prompts = [render_chat(tok, math_prompt(r["question"], instruction), add_generation_prompt=True)[0]
-                   for r in rows]
-        gen = generate(model, tok, prompts, max_new_tokens, temperature=0.0)
+        gen = generate(model, tok, math_prompt_ids(tok, rows, instruction), max_new_tokens, temperature=0.0)
         for row, text, ok in zip(rows, gen.texts, stopped(gen, tok).tolist()):
             r, c = score([text], row) if ok else ([0.0], [False])  # truncated: no reward, as in training
             rewards.append(r[0])
@@ -126,22 +130,19 @@ def sample_math(model, tok, records: list[dict], k: int, temperature: float = 0.
     right, any_right, voted = [], 0, 0
     for i in range(0, len(records), per_prompt):
         rows = records[i:i + per_prompt]
-        prompts = [render_chat(tok, math_prompt(r["question"], instruction), add_generation_prompt=True)[0]
-                   for r in rows]
+        prompts = math_prompt_ids(tok, rows, instruction)
         gen = generate(model, tok, [p for p in prompts for _ in range(k)], max_new_tokens, temperature,
                        seed=seed + i)
         ended = stopped(gen, tok).tolist()
         for j, row in enumerate(rows):
             texts = [t for t, ok in zip(gen.texts[j * k:(j + 1) * k], ended[j * k:(j + 1) * k]) if ok]
             correct = score(texts, row)[1] if texts else []
-            votes: dict[str, int] = {}
-            for text in texts:
-                if (answer := extract_answer(text)) is not None:
-                    votes[answer] = votes.get(answer, 0) + 1
-            top = max(votes, key=votes.get) if votes else None
+            answers = [extract_answer(t) for t in texts]
+            votes = Counter(a for a in answers if a is not None)
+            top = max(votes, key=votes.get) if votes else None  # max keeps the first of equal counts
             right.append(sum(correct))
             any_right += any(correct)
-            voted += any(ok and extract_answer(t) == top for t, ok in zip(texts, correct))
+            voted += any(ok and a == top for a, ok in zip(answers, correct))
     n = max(len(records), 1)
     return ({"pass_at_k": any_right / n, "majority_at_k": voted / n, "sample_accuracy": sum(right) / (n * k)},
             right)

@@ -52,11 +52,11 @@ from instar.generate.procedural import FAMILIES, MAX_DIFFICULTY, heldout_problem
 from instar.train.checkpoint import finished_summary
 from instar.train.config import TrainConfig
 from instar.train import yardsticks
-from instar.train.evaluate import evaluate_math
+from instar.train.evaluate import evaluate_math, math_prompt_ids
 from instar.train.loop import Closure, Stage, autocast, fit, open_session
 from instar.train.losses import grpo_loss, group_advantages
 from instar.train.models import load_model, unwrap, wrap_lora
-from instar.train.rewards import INSTRUCTION, math_messages, math_prompt, score, step_accuracy
+from instar.train.rewards import INSTRUCTION, math_messages, score, step_accuracy
 from instar.train.sampling import attention_kernel, generate, stopped
 from instar.train.sft import loss_fn as sft_loss
 from instar.train.tokens import collate, render_chat, token_logprobs
@@ -201,8 +201,7 @@ class AdapterOff:
 def rollout(model, tok, rows: list[dict], cfg: Config, seed: int, bf16: bool, device, scorer: Scorer = score) -> dict:
     """G completions per problem, their rewards (0 when truncated), correctness and advantages."""
     G = cfg.group_size
-    prompts = [render_chat(tok, math_prompt(r["question"], cfg.instruction), add_generation_prompt=True)[0]
-               for r in rows]
+    prompts = math_prompt_ids(tok, rows, cfg.instruction)
     with autocast(device, bf16):
         gen = generate(model, tok, [p for p in prompts for _ in range(G)], cfg.max_new_tokens, cfg.temperature,
                        cfg.top_k or None, seed=seed)

@@ -78,8 +78,8 @@ def use_bf16(cfg: TrainConfig, device: torch.device, model=None) -> bool:
     `model` narrower than BF16_MIN_WIDTH (the tiny preset), where the casts cost more than the matmuls gain."""
     if cfg.dtype == "fp32":
         return False
-    if cfg.dtype == "auto" and device.type == "cpu" and model is not None \
-            and (model_width(model) or BF16_MIN_WIDTH) < BF16_MIN_WIDTH:
+    width = model_width(model) if model is not None else None
+    if cfg.dtype == "auto" and device.type == "cpu" and width is not None and width < BF16_MIN_WIDTH:
         return False
     if device.type == "cuda":
         ok = torch.cuda.is_bf16_supported()
