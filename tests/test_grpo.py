@@ -139,6 +139,15 @@ def test_rewards_correctness_plus_small_format_bonus():
     assert score(["Answer: -1,000"], {"answer": "-1000"})[1] == [True]
 
 
+def test_chat_reward_pays_a_reply_in_words_not_a_drill_or_nothing():
+    from instar.train.rewards import chat_score
+
+    replies = ["Tide pools hold crabs and snails.", "3 + 4 = 7\nAnswer: 7", "Tide pools are\nAnswer: 2", "ok", "",
+               "Visit at low tide: 9 to 5 on weekdays."]
+    assert chat_score(replies, {"question": "Tell me about tide pools."}) == (
+        [1.0, 0.0, 0.0, 0.0, 0.0, 1.0], [True, False, False, False, False, True])
+
+
 def test_worked_steps_are_checked_by_computation_up_to_their_first_wrong_character():
     from instar.train.rewards import checked_steps
 
@@ -320,6 +329,40 @@ def test_ptx_teaches_the_worked_solutions_of_the_problems_the_samples_miss(arith
     assert len(unchanged_params(before, load_model(tmp_path / "plain")[0])) == len(list(before.parameters()))
     taught = train("ptx", 1.0)
     assert taught["end"]["format_rate"] >= taught["start"]["format_rate"] + 0.2, (taught["start"], taught["end"])
+
+
+TOPICS = ["tide pools", "bread", "owls", "rivers", "kites", "tea", "maps", "bees", "snow", "clocks", "ferns", "boats"]
+
+
+def test_chat_prompts_teach_a_math_drilled_model_to_answer_questions_in_words(arith_world, tmp_path):
+    """`chat_prompts`: the stage-2 model of this world learned sums only, so it answers "Tell me about owls." with a
+    sum; with chat rows beside the math problems, rewarded by `rewards.chat_score`, GRPO moves its replies to
+    words (measured: chat reward 0.00, 0.03, 0.30 in the first steps, 1.00 from step 8; at lr 1e-4 and temperature
+    0.7 no sample of this model avoided a sum, so no group had signal), while the math rows keep their own reward
+    and metrics (pass rate, worked steps: math rows only)."""
+    from instar.datasets import runs
+    from instar.datasets.store import Provenance, Store
+    from instar.errors import InstarError
+    from instar.train import run_stage
+
+    _, sft = arith_world
+    store = Store.open(tmp_path / "chat.db")
+    with pytest.raises(InstarError, match="'messages' records"):
+        Problems(Config(chat_prompts=2), store)
+    store.add("messages", [{"messages": [{"role": "user", "content": q.format(t)},
+                                         {"role": "assistant", "content": f"{t.capitalize()} are worth a look."}]}
+                           for t in TOPICS for q in ("Tell me about {}.", "What do you like about {}?")],
+              Provenance(source="test"))
+    problems = Problems(Config(chat_prompts=3, batch_size=4, families=FAMILIES), store)
+    rows = problems.batch(0, 1)
+    assert [bool(r.get("chat")) for r in rows] == [False] * 4 + [True] * 3 and rows == problems.batch(0, 1)
+    assert {r["messages"][-1]["role"] for r in rows[4:]} == {"user"}
+    summary = run_stage("grpo", None, [f"model={sft}", f"out={tmp_path / 'g'}", "max_steps=12", "lr=1e-3",
+                                       "temperature=1.0", "eval_problems=16", "eval_every=0", "chat_prompts=8",
+                                       "external_eval=false"] + GRPO_FAST, store)
+    chat = [v for _, v in runs.metric_series(store, summary["run_id"], "chat_reward")]
+    assert len(chat) == 12 and sum(chat[-3:]) / 3 >= sum(chat[:3]) / 3 + 0.3, chat
+    assert summary["data"]["chat_prompts"] == len(problems.chats)
 
 
 def test_sft_keeps_the_prompt_form_of_its_math_conversations(arith_world, tmp_path):

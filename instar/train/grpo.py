@@ -56,7 +56,7 @@ from instar.train.evaluate import evaluate_math, math_prompt_ids
 from instar.train.loop import Closure, Stage, autocast, fit, open_session
 from instar.train.losses import grpo_loss, group_advantages
 from instar.train.models import load_model, unwrap, wrap_lora
-from instar.train.rewards import INSTRUCTION, math_messages, score, step_accuracy
+from instar.train.rewards import INSTRUCTION, chat_score, extract_answer, math_messages, score, step_accuracy
 from instar.train.sampling import attention_kernel, generate, stopped
 from instar.train.sft import loss_fn as sft_loss
 from instar.train.tokens import collate, render_chat, token_logprobs
@@ -103,6 +103,9 @@ class Config(TrainConfig):
     instruction: str = Field(INSTRUCTION, description="Appended to each question ('' = the bare question).")
     ptx_coef: float = Field(0.0, ge=0, description="+ ptx_coef x the SFT loss on the worked solutions of the step's "
                             "problems that fewer than half of their samples got right (ReLIFT-style; `demos`).")
+    chat_prompts: int = Field(0, ge=0, description="Questions that are not math per step, beside the batch_size "
+                              "problems: prompts of the stored chat conversations (train split), group_size samples "
+                              "each, reward 1 for a reply that is not a math drill (`rewards.chat_score`).")
 
     unsupported = {"max_len": "max_new_tokens and the prompt set the length",
                    "eval_batches": "eval_problems sets the held-out size",
@@ -128,20 +131,39 @@ class Problems:
                 self.pool.setdefault(r.get("difficulty", 1), []).append(r)
             self.levels = sorted(self.pool)
         self.seen = {r["question"] for r in self.heldout}
+        self.chats = chat_prompts(store) if cfg.chat_prompts else []
 
     def batch(self, step: int, level: int) -> list[dict]:
-        """The step's problems: a pure function of (seed, step, level), so resuming needs only the step."""
-        n, seed = drawn(self.cfg), self.cfg.seed * 1_000_003 + step
+        """The step's problems, then its `chat_prompts` chat rows: a pure function of (seed, step, level), so
+        resuming needs only the step."""
+        seed = self.cfg.seed * 1_000_003 + step
+        return self.problems(seed, level) + draw(self.chats, self.cfg.chat_prompts, -seed - 1)
+
+    def problems(self, seed: int, level: int) -> list[dict]:
+        n = drawn(self.cfg)
         if self.cfg.source == "store":
-            pool = self.pool[min(self.levels, key=lambda d: abs(d - level))]
-            g = torch.Generator().manual_seed(seed)
-            return [pool[int(i)] for i in torch.randint(len(pool), (n,), generator=g)]
+            return draw(self.pool[min(self.levels, key=lambda d: abs(d - level))], n, seed)
         mixed = mixed_count(self.cfg)
         rows = [r for r in make_problems(8 * (n - mixed), seed, self.cfg.families, level) if r["question"] not in self.seen]
         if len(rows) < n - mixed:
             raise InstarError(f"level {level} has too few problems outside the held-out set; lower eval_problems")
         rest = [r for r in make_problems(2 * mixed, -seed - 2, self.cfg.families) if r["question"] not in self.seen]
         return rows[:n - mixed] + rest[:mixed]
+
+
+def draw(pool: list[dict], n: int, seed: int) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    return [pool[int(i)] for i in torch.randint(len(pool), (n,), generator=g)] if n else []
+
+
+def chat_prompts(store) -> list[dict]:
+    """The chat rows `chat_prompts` draws from: every stored train conversation that is not math (its last reply
+    has no `Answer:` line), without that reply, as {"messages", "question": its last user turn, "chat": True}."""
+    rows = [m for m in (r["messages"] for r in store.require("messages", "train", 1))
+            if m[-1]["role"] == "assistant" and extract_answer(m[-1]["content"]) is None and len(m) > 1]
+    if not rows:
+        raise InstarError("chat_prompts: the store holds no chat conversation (train split) to ask; set chat_prompts=0")
+    return [{"messages": m[:-1], "question": m[-2]["content"], "chat": True} for m in rows]
 
 
 def drawn(cfg: Config) -> int:
@@ -158,9 +180,9 @@ def level_pass_rate(micros: list[dict], cfg: Config) -> float:
     """The pass rate the curriculum steers by: over the problems drawn at its level only (the first ones of each
     rollout batch, `Problems.batch`), not the `mixed_levels` share drawn from every level, whose pass rate does not
     move with the level (with it, the default run's curriculum never left level 1); all problems when every one is
-    mixed or the source is the store."""
+    mixed or the source is the store; never the `chat_prompts` rows."""
     own = drawn(cfg) - mixed_count(cfg)
-    k = own * cfg.group_size if own > 0 else None
+    k = (own or drawn(cfg)) * cfg.group_size  # never the chat rows, which come after every problem
     return sum(float(ro["correct"][:k].mean()) for ro in micros) / len(micros)
 
 
@@ -199,16 +221,19 @@ class AdapterOff:
 
 
 def rollout(model, tok, rows: list[dict], cfg: Config, seed: int, bf16: bool, device, scorer: Scorer = score) -> dict:
-    """G completions per problem, their rewards (0 when truncated), correctness and advantages."""
-    G = cfg.group_size
-    prompts = math_prompt_ids(tok, rows, cfg.instruction)
+    """G completions per row, their rewards (0 when truncated), correctness and advantages. Rows are the step's math
+    problems, then its chat rows (`Problems.batch`), rewarded by `rewards.chat_score`; "correct" there means "not
+    a drill", and the math-only metrics (pass rate, worked steps) read the first `n_math` rows."""
+    G, n_math = cfg.group_size, sum(not r.get("chat") for r in rows)
+    prompts = (math_prompt_ids(tok, rows[:n_math], cfg.instruction)
+               + [render_chat(tok, r["messages"], add_generation_prompt=True)[0] for r in rows[n_math:]])
     with autocast(device, bf16):
         gen = generate(model, tok, [p for p in prompts for _ in range(G)], cfg.max_new_tokens, cfg.temperature,
                        cfg.top_k or None, seed=seed)
     done = stopped(gen, tok)                                                                   # [P*G]
     rewards, correct = [], []
     for i, row in enumerate(rows):
-        r, c = scorer(gen.texts[i * G:(i + 1) * G], row)
+        r, c = (chat_score if row.get("chat") else scorer)(gen.texts[i * G:(i + 1) * G], row)
         rewards += r
         correct += c
     rewards = torch.tensor([r if ok else 0.0 for r, ok in zip(rewards, done.tolist())])
@@ -218,8 +243,8 @@ def rollout(model, tok, rows: list[dict], cfg: Config, seed: int, bf16: bool, de
     informative = R.max(1).values > R.min(1).values
     return {"gen": gen, "rows": rows, "rewards": rewards, "correct": correct, "truncated": (~done).float().cpu(),
             "adv": group_advantages(R, cfg.scale_rewards).flatten(), "informative": informative,
-            "trained": at_most(informative, cfg.batch_size, seed), "demos": taught, "pad": tok.pad_token_id,
-            "step_right": step_accuracy(gen.texts)}
+            "trained": at_most(informative, cfg.batch_size + len(rows) - n_math, seed), "demos": taught,
+            "pad": tok.pad_token_id, "step_right": step_accuracy(gen.texts[:n_math * G]), "n_math": n_math}
 
 
 def at_most(informative: torch.Tensor, n: int, seed: int) -> torch.Tensor:
@@ -333,13 +358,17 @@ def chunk_share(model, ro: dict, chunk: list[int], old, ref, total: float, cfg: 
     return loss, stats
 
 
-def metrics(s, micros: list[dict], sums: dict, has_ref: bool) -> dict:
-    """The step's rollouts (means over its rollout batches) and its update (token-weighted over all ranks)."""
+def metrics(s, micros: list[dict], sums: dict, has_ref: bool, G: int) -> dict:
+    """The step's rollouts (means over its rollout batches; the math rows', and the chat rows' reward apart) and its
+    update (token-weighted over all ranks)."""
     n, kept = len(micros), s.all_sum(sums.get("kept", 0.0))
     mean = lambda f: sum(float(f(ro)) for ro in micros) / n  # noqa: E731
-    return {"rollout_reward": mean(lambda ro: ro["rewards"].mean()), "pass_rate": mean(lambda ro: ro["correct"].mean()),
-            "completion_len": mean(lambda ro: ro["gen"].completion_mask.sum(1).float().mean()),
-            "truncated": mean(lambda ro: ro["truncated"].mean()),
+    math, chat = (lambda ro: slice(0, ro["n_math"] * G)), (lambda ro: slice(ro["n_math"] * G, None))
+    return {"rollout_reward": mean(lambda ro: ro["rewards"][math(ro)].mean()),
+            "pass_rate": mean(lambda ro: ro["correct"][math(ro)].mean()),
+            "chat_reward": mean(lambda ro: ro["rewards"][chat(ro)].mean()) if micros[0]["rows"][-1].get("chat") else None,
+            "completion_len": mean(lambda ro: ro["gen"].completion_mask[math(ro)].sum(1).float().mean()),
+            "truncated": mean(lambda ro: ro["truncated"][math(ro)].mean()),
             "kl": s.all_sum(sums.get("kl_sum", 0.0)) / kept if has_ref and kept else None,
             "clip_frac": s.all_sum(sums.get("clip_sum", 0.0)) / kept if kept else 0.0,
             "skipped_groups": 1.0 - mean(lambda ro: ro["informative"].float().mean()),
@@ -378,7 +407,8 @@ def run(cfg: Config, store, scorer: Scorer = score) -> dict:
         ref = load_model(cfg.model, s.device)[0].eval().requires_grad_(False)
     model = s.place(model)
     s.data = {"source": cfg.source, "heldout_problems": len(problems.heldout), "families": cfg.families,
-              "group_size": cfg.group_size, "rollouts_per_step": drawn(cfg) * cfg.group_size * cfg.grad_accum,
+              "group_size": cfg.group_size, "chat_prompts": len(problems.chats),
+              "rollouts_per_step": (drawn(cfg) + cfg.chat_prompts) * cfg.group_size * cfg.grad_accum,
               "base": cfg.model}
     first = max(min(cfg.difficulty, problems.levels[-1]), problems.levels[0])
     cur = Curriculum(first, problems.levels[0], problems.levels[-1], cfg.target_pass, cfg.band)
@@ -394,7 +424,7 @@ def run(cfg: Config, store, scorer: Scorer = score) -> dict:
         return updates(s, model, ref, cfg, micros)
 
     def step_metrics(micros, sums):
-        values = metrics(s, micros, sums, ref is not None)
+        values = metrics(s, micros, sums, ref is not None, cfg.group_size)
         history.append(s.all_mean(values)["rollout_reward"])
         return values
 

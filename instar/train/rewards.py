@@ -70,6 +70,29 @@ def score(completions: list[str], row: dict) -> tuple[list[float], list[bool]]:
     return totals, correct
 
 
+# --- replies to questions that are not math -----------------------------------------------------------------
+# A drill: an "Answer:" line anywhere, a line that is only a label and a number (a math-swamped model's
+# mangled answer line, "er: -11", measured after SFT), or an arithmetic statement ("1 + 5 = 6", "12 x 3 = 36").
+_DRILL_LINE = re.compile(r"^\s*answer\s*:|^\s*\w*\s*:\s*-?[\d.,/]+\s*$", re.IGNORECASE | re.MULTILINE)
+_SUM = re.compile(r"\d\s*[-+*/x×÷]\s*\d+(?:\.\d+)?\s*=")
+CHAT_MIN_WORDS = 3  # a chat reward for a reply of fewer words would pay for saying nothing
+
+
+def is_drill(reply: str) -> bool:
+    """True for a math drill's reply: an `Answer:` line anywhere, a line of a label and a number only ("er: -11"),
+    or an arithmetic statement ("3 + 4 = 7")."""
+    return bool(_DRILL_LINE.search(reply) or _SUM.search(reply))
+
+
+def chat_score(completions: list[str], row: dict) -> tuple[list[float], list[bool]]:
+    """GRPO's reward for replies to a question that is not math (`grpo.Config.chat_prompts`), as `score` gives it
+    for math: 1.0 for a reply of at least CHAT_MIN_WORDS words that is not a drill (`is_drill`), else 0. A rule,
+    not a judge: it says nothing of a reply's quality, only that a question about tide pools is not answered
+    with a sum, which a student whose SFT batches were four-fifths math often does (README, "What generalises")."""
+    ok = [len(c.split()) >= CHAT_MIN_WORDS and not is_drill(c) for c in completions]
+    return [float(x) for x in ok], ok
+
+
 # --- worked steps, checked one by one -----------------------------------------------------------------------
 _STEP_LINE = re.compile(r"^(?P<lhs>[\d.()+\-*/ ]*\d[\d.()]* *[-+*/] *[\d.()+\-*/ ]*) = (?P<rhs>-?\d+(?:\.\d+)?)$")
 

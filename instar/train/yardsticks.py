@@ -58,6 +58,7 @@ from instar.evalsets import chat_prompts, chat_references, text_paragraphs
 from instar.train.evaluate import (EXTERNAL_MATH_TOKENS, external_arithmetic, math_prompt_form, score_conversations,
                                    score_rows)
 from instar.train.models import EMBEDDED
+from instar.train.rewards import is_drill
 from instar.train.sampling import generate, stopped
 from instar.train.tokens import collate, pack_documents, render_chat, token_bytes
 
@@ -67,21 +68,11 @@ OPENINGS = ["The old man walked", "Yesterday I went to", "She opened the window 
             "When the rain stopped,", "My favourite thing to do is", "The teacher asked the children",
             "It was a cold morning and"]
 _WORD = re.compile(r"[a-z0-9']+")
-# A drill: an "Answer:" line anywhere, a line that is only a label and a number (a math-swamped model's
-# mangled answer line, "er: -11", measured after SFT), or an arithmetic statement ("1 + 5 = 6", "12 x 3 = 36").
-_ANSWER = re.compile(r"^\s*answer\s*:|^\s*\w*\s*:\s*-?[\d.,/]+\s*$", re.IGNORECASE | re.MULTILINE)
-_SUM = re.compile(r"\d\s*[-+*/x×÷]\s*\d+(?:\.\d+)?\s*=")
 
 
 # --- measures on text (pure) -------------------------------------------------------------------------------
 def words(text: str) -> list[str]:
     return _WORD.findall(text.lower())
-
-
-def is_drill(reply: str) -> bool:
-    """True for a math drill's reply: an `Answer:` line anywhere, a line of a label and a number only ("er: -11"),
-    or an arithmetic statement ("3 + 4 = 7")."""
-    return bool(_ANSWER.search(reply) or _SUM.search(reply))
 
 
 def rep_n(text: str, n: int = 3) -> float:
