@@ -331,32 +331,30 @@ def test_ptx_teaches_the_worked_solutions_of_the_problems_the_samples_miss(arith
     assert taught["end"]["format_rate"] >= taught["start"]["format_rate"] + 0.2, (taught["start"], taught["end"])
 
 
-TOPICS = ["tide pools", "bread", "owls", "rivers", "kites", "tea", "maps", "bees", "snow", "clocks", "ferns", "boats"]
-
-
 def test_chat_prompts_teach_a_math_drilled_model_to_answer_questions_in_words(arith_world, tmp_path):
-    """`chat_prompts`: the stage-2 model of this world learned sums only, so it answers "Tell me about owls." with a
-    sum; with chat rows beside the math problems, rewarded by `rewards.chat_score`, GRPO moves its replies to
-    words (measured: chat reward 0.00, 0.03, 0.30 in the first steps, 1.00 from step 8; at lr 1e-4 and temperature
-    0.7 no sample of this model avoided a sum, so no group had signal), while the math rows keep their own reward
-    and metrics (pass rate, worked steps: math rows only)."""
+    """`chat_prompts`: the stage-2 model of this world learned sums only, so it answers "Why do people like owls?"
+    with a sum; with chat rows beside the math problems (questions about the stored documents' topics in wordings
+    SFT never used), rewarded by `rewards.chat_score`, GRPO moves its replies to words (measured: chat reward 0.00,
+    0.03, 0.34 in the first steps, 0.92-0.98 from step 9; at lr 1e-4 and temperature 0.7 no sample of this model avoided
+    a sum, so no group had signal), while the math rows keep their own reward and metrics (pass rate, worked
+    steps: math rows only)."""
     from instar.datasets import runs
     from instar.datasets.store import Provenance, Store
-    from instar.errors import InstarError
+    from instar.generate.prompts import TOPICS
+    from instar.generate.requests import QUESTIONS, REQUESTS
     from instar.train import run_stage
 
+    assert not set(QUESTIONS) & set(REQUESTS)  # no wording SFT's topic requests were taught
     _, sft = arith_world
+    assert len(Problems(Config(chat_prompts=2), None).chats) == len(TOPICS) * len(QUESTIONS)  # the built-in pool
     store = Store.open(tmp_path / "chat.db")
-    with pytest.raises(InstarError, match="'messages' records"):
-        Problems(Config(chat_prompts=2), store)
-    store.add("messages", [{"messages": [{"role": "user", "content": q.format(t)},
-                                         {"role": "assistant", "content": f"{t.capitalize()} are worth a look."}]}
-                           for t in TOPICS for q in ("Tell me about {}.", "What do you like about {}?")],
-              Provenance(source="test"))
+    for topic in ("owls", "kites", "tea"):
+        store.add("text", [{"text": f"A text about {topic}."}], Provenance(source="test", topic=topic))
     problems = Problems(Config(chat_prompts=3, batch_size=4, families=FAMILIES), store)
+    assert {r["question"] for r in problems.chats} == {q.format(topic=t) for t in ("owls", "kites", "tea")
+                                                       for q in QUESTIONS}
     rows = problems.batch(0, 1)
     assert [bool(r.get("chat")) for r in rows] == [False] * 4 + [True] * 3 and rows == problems.batch(0, 1)
-    assert {r["messages"][-1]["role"] for r in rows[4:]} == {"user"}
     summary = run_stage("grpo", None, [f"model={sft}", f"out={tmp_path / 'g'}", "max_steps=12", "lr=1e-3",
                                        "temperature=1.0", "eval_problems=16", "eval_every=0", "chat_prompts=8",
                                        "external_eval=false"] + GRPO_FAST, store)

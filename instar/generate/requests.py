@@ -53,6 +53,17 @@ REQUESTS = [  # half of them questions (what/why/how/who/do/can): chat is not on
     "Can you write a few sentences about {topic}?", "Could you talk a bit about {topic}?",
     "Do you have anything to say about {topic}?", "Have you got a story or a thought about {topic}?",
 ]
+# Questions about a topic in wordings no SFT conversation uses (none is in REQUESTS): GRPO's `chat_prompts` asks
+# them fresh, so a reply in words there is learned, not remembered. None asks for a number.
+QUESTIONS = [
+    "What is the best thing about {topic}?", "Where can I find {topic}?", "When do people think of {topic}?",
+    "Is {topic} good for children?", "How do you feel about {topic}?", "What happens with {topic}?",
+    "Who knows the most about {topic}?", "What is a good name for {topic}?", "Give me a tip about {topic}.",
+    "What should I remember about {topic}?", "Write one sentence about {topic}.", "Why do people like {topic}?",
+    "What is the story of {topic}?", "Which word describes {topic}?", "What would you say to {topic}?",
+    "Explain {topic} to me.", "What is wrong with {topic}?", "Can you help me with {topic}?",
+    "What is {topic} like?", "Name something that goes with {topic}.",
+]
 PER_DOCUMENT = 2  # requests per document, in different wordings
 TEMPLATE = "topic-request-v3"  # v1: one request per document, 8 wordings; v2: two, 16 wordings (4 questions)
 
@@ -101,6 +112,15 @@ def continuations(store, seed: int) -> int:
 def corpus_chat(store, seed: int) -> int:
     """The corpus as chat: topic requests and continuations; how many conversations of both are stored now."""
     return topic_requests(store, seed) + continuations(store, seed)
+
+
+def topic_questions(store) -> list[str]:
+    """Every QUESTIONS wording about every topic of the stored documents (the teacher's corpus; the built-in topic
+    pool when no document has one), in a fixed order."""
+    from instar.generate.prompts import TOPICS
+
+    stored = sorted({r["topic"] for r in store.iter_rows("text") if r.get("topic")}) if store is not None else []
+    return [q.format(topic=t) for t in stored or TOPICS for q in QUESTIONS]
 
 
 def _draw(seed: int, text: str) -> int:

@@ -49,6 +49,7 @@ from pydantic import Field
 
 from instar.errors import InstarError
 from instar.generate.procedural import FAMILIES, MAX_DIFFICULTY, heldout_problems, make_problems
+from instar.generate.requests import topic_questions
 from instar.train.checkpoint import finished_summary
 from instar.train.config import TrainConfig
 from instar.train import yardsticks
@@ -56,7 +57,7 @@ from instar.train.evaluate import evaluate_math, math_prompt_ids
 from instar.train.loop import Closure, Stage, autocast, fit, open_session
 from instar.train.losses import grpo_loss, group_advantages
 from instar.train.models import load_model, unwrap, wrap_lora
-from instar.train.rewards import INSTRUCTION, chat_score, extract_answer, math_messages, score, step_accuracy
+from instar.train.rewards import INSTRUCTION, chat_score, math_messages, score, step_accuracy
 from instar.train.sampling import attention_kernel, generate, stopped
 from instar.train.sft import loss_fn as sft_loss
 from instar.train.tokens import collate, render_chat, token_logprobs
@@ -104,8 +105,9 @@ class Config(TrainConfig):
     ptx_coef: float = Field(0.0, ge=0, description="+ ptx_coef x the SFT loss on the worked solutions of the step's "
                             "problems that fewer than half of their samples got right (ReLIFT-style; `demos`).")
     chat_prompts: int = Field(0, ge=0, description="Questions that are not math per step, beside the batch_size "
-                              "problems: prompts of the stored chat conversations (train split), group_size samples "
-                              "each, reward 1 for a reply that is not a math drill (`rewards.chat_score`).")
+                              "problems: about the stored documents' topics in wordings SFT never saw, group_size "
+                              "samples each, reward 1 for a reply in words that is not a math drill "
+                              "(`rewards.chat_score`).")
 
     unsupported = {"max_len": "max_new_tokens and the prompt set the length",
                    "eval_batches": "eval_problems sets the held-out size",
@@ -157,13 +159,10 @@ def draw(pool: list[dict], n: int, seed: int) -> list[dict]:
 
 
 def chat_prompts(store) -> list[dict]:
-    """The chat rows `chat_prompts` draws from: every stored train conversation that is not math (its last reply
-    has no `Answer:` line), without that reply, as {"messages", "question": its last user turn, "chat": True}."""
-    rows = [m for m in (r["messages"] for r in store.require("messages", "train", 1))
-            if m[-1]["role"] == "assistant" and extract_answer(m[-1]["content"]) is None and len(m) > 1]
-    if not rows:
-        raise InstarError("chat_prompts: the store holds no chat conversation (train split) to ask; set chat_prompts=0")
-    return [{"messages": m[:-1], "question": m[-2]["content"], "chat": True} for m in rows]
+    """The chat rows `chat_prompts` draws from: questions about the stored documents' topics in wordings no SFT
+    conversation used (`requests.topic_questions`), as {"messages", "question", "chat": True}. The stored chat
+    conversations' own prompts carried no signal: the SFT model answers them as it was taught (measured)."""
+    return [{"messages": [{"role": "user", "content": q}], "question": q, "chat": True} for q in topic_questions(store)]
 
 
 def drawn(cfg: Config) -> int:
