@@ -1,4 +1,5 @@
-"""Verifiable rewards for math: the answer format, its parser, and reward functions `(completions, **row) -> list[float]`.
+"""Verifiable rewards for math: the answer format, its parser, and reward functions `(completions, **row) -> list[float]`;
+and the rule that scores a reply to a question that is not math (`is_drill`, `chat_score`).
 
     extract_answer("3 + 4 = 7\\nAnswer: 7")                       -> "7"
     correctness_reward(["...\\nAnswer: 7", "Answer: 8"], answer="7") -> [1.0, 0.0]
