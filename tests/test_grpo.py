@@ -335,9 +335,8 @@ def test_chat_prompts_teach_a_math_drilled_model_to_answer_questions_in_words(ar
     """`chat_prompts`: the stage-2 model of this world learned sums only, so it answers "Why do people like owls?"
     with a sum; with chat rows beside the math problems (questions about the stored documents' topics in wordings
     SFT never used), rewarded by `rewards.chat_score`, GRPO moves its replies to words (measured: chat reward 0.00,
-    0.03, 0.34 in the first steps, 0.92-0.98 from step 9; at lr 1e-4 and temperature 0.7 no sample of this model avoided
-    a sum, so no group had signal), while the math rows keep their own reward and metrics (pass rate, worked
-    steps: math rows only)."""
+    0.03, 0.34 in the first steps, 0.92-0.98 from step 9; at lr 1e-4 and temperature 0.7 no sample of this model
+    avoided a sum, so no group had signal)."""
     from instar.datasets import runs
     from instar.datasets.store import Provenance, Store
     from instar.generate.prompts import TOPICS
@@ -361,6 +360,22 @@ def test_chat_prompts_teach_a_math_drilled_model_to_answer_questions_in_words(ar
     chat = [v for _, v in runs.metric_series(store, summary["run_id"], "chat_reward")]
     assert len(chat) == 12 and sum(chat[-3:]) / 3 >= sum(chat[:3]) / 3 + 0.3, chat
     assert summary["data"]["chat_prompts"] == len(problems.chats)
+
+
+def test_the_math_metrics_leave_the_chat_rows_out():
+    """One problem and one chat row, 2 samples each: pass rate, reward and lengths are the problem's alone."""
+    from types import SimpleNamespace
+
+    from instar.train.grpo import metrics
+
+    ro = {"rows": [{"question": "What is 1 + 1?"}, {"question": "Why do people like owls?", "chat": True}],
+          "n_math": 1, "rewards": torch.tensor([1.1, 0.0, 1.0, 1.0]), "correct": torch.tensor([1.0, 0.0, 1.0, 1.0]),
+          "truncated": torch.tensor([0.0, 1.0, 0.0, 0.0]), "informative": torch.tensor([True, False]),
+          "trained": torch.tensor([True, False]), "step_right": None, "demos": [], "level": 1,
+          "gen": SimpleNamespace(completion_mask=torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 1, 1]]))}
+    m = metrics(SimpleNamespace(all_sum=lambda x: x), [ro], {}, False, 2)
+    assert m["pass_rate"] == 0.5 and m["rollout_reward"] == pytest.approx(0.55) and m["chat_reward"] == 1.0
+    assert m["completion_len"] == 1.5 and m["truncated"] == 0.5
 
 
 def test_sft_keeps_the_prompt_form_of_its_math_conversations(arith_world, tmp_path):

@@ -370,7 +370,8 @@ def metrics(s, micros: list[dict], sums: dict, has_ref: bool, G: int) -> dict:
     math, chat = (lambda ro: slice(0, ro["n_math"] * G)), (lambda ro: slice(ro["n_math"] * G, None))
     return {"rollout_reward": mean(lambda ro: ro["rewards"][math(ro)].mean()),
             "pass_rate": mean(lambda ro: ro["correct"][math(ro)].mean()),
-            "chat_reward": mean(lambda ro: ro["rewards"][chat(ro)].mean()) if micros[0]["rows"][-1].get("chat") else None,
+            "chat_reward": mean(lambda ro: ro["rewards"][chat(ro)].mean()) if micros[0]["rows"][-1].get("chat")
+            else None,
             "completion_len": mean(lambda ro: ro["gen"].completion_mask[math(ro)].sum(1).float().mean()),
             "truncated": mean(lambda ro: ro["truncated"][math(ro)].mean()),
             "kl": s.all_sum(sums.get("kl_sum", 0.0)) / kept if has_ref and kept else None,
